@@ -17,6 +17,7 @@ from nbdev.showdoc import show_doc
 
 root = Path(__file__).resolve().parent.parent
 nbs, src = root/'nbs', root/'docs'/'_src'
+_source_link = re.compile(r'^\[source\]\(.*\)\{.*\}\s*$', re.M)
 _directive = re.compile(r'^\s*#\|\s*([\w-]+):?\s*(.*?)\s*$')
 
 
@@ -38,7 +39,8 @@ def api_reference(cell_source: str, module) -> list[str]:
         try:
             for part in name.split('.'): obj = getattr(obj, part)
         except AttributeError: continue
-        docs.append(show_doc(obj, name=name)._repr_markdown_())
+        md = show_doc(obj, name=name)._repr_markdown_()
+        docs.append(_source_link.sub('', md))  # the hosted repo's line anchors are unknown here: no dead links
     return docs
 
 
