@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bigmodel_nb.cnn import cnn_config, cnn_path, conv2d, machine, save_cnn, time_call, train_fashion_cnn
+from bigmodel_nb.cnn import cnn_config, cnn_path, conv2d, machine_info, save_cnn, time_call, train_fashion_cnn
 
 SHAPES = [  # (name, x shape, weight shape, padding)
     ('LeNet conv1, 1→6 5×5 on 28×28', (128, 1, 28, 28), (6, 1, 5, 5), 0),
@@ -48,7 +48,7 @@ def main(argv=None):
     ap.add_argument('--out', default=str(Path(__file__).resolve().parent/'results'/'cnn.md'), help='the Markdown table to write')
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    mach = f"{machine()}; torch threads {torch.get_num_threads()}, os.cpu_count() {os.cpu_count()}"
+    mach = f"{machine_info()}; torch threads {torch.get_num_threads()}, os.cpu_count() {os.cpu_count()}"
     print(f"machine: {mach}", flush=True)
 
     rows = conv_rows()

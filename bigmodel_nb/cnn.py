@@ -6,10 +6,10 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/cnn.html.md"""
 
 # %% auto #0
 __all__ = ['CNN_DEFAULTS', 'CNN_ARCH_KEYS', 'conv_out_size', 'pad2d', 'im2col', 'conv2d', 'check_against', 'max_pool2d',
-           'avg_pool2d', 'Conv2d', 'MaxPool2d', 'AvgPool2d', 'time_call', 'Net', 'LeNet', 'count_params', 'show_images',
-           'machine', 'eval_accuracy', 'train_measured', 'results_table', 'seed_recipe', 'cnn_config', 'ConvBN',
-           'FashionCNN', 'TimeBudget', 'train_fashion_cnn', 'show_filters', 'feature_maps', 'show_feature_maps',
-           'top_mistakes', 'cnn_path', 'save_cnn', 'load_cnn', 'get_trained_cnn', 'seed_cifar10']
+           'avg_pool2d', 'Conv2d', 'MaxPool2d', 'AvgPool2d', 'time_call', 'Net', 'LeNet', 'show_images',
+           'eval_accuracy', 'train_measured', 'results_table', 'seed_recipe', 'cnn_config', 'ConvBN', 'FashionCNN',
+           'TimeBudget', 'train_fashion_cnn', 'show_filters', 'feature_maps', 'show_feature_maps', 'top_mistakes',
+           'cnn_path', 'save_cnn', 'load_cnn', 'get_trained_cnn', 'seed_cifar10']
 
 # %% ../nbs/03_cnn.ipynb #c43c2260
 import json, math, os, platform, time
@@ -226,11 +226,7 @@ class LeNet(nn.Module):
         return self.fc3(x)
 
 # %% ../nbs/03_cnn.ipynb #ddf1f339
-def count_params(model:nn.Module) -> int: # the model
-    "Number of parameters (from the concepts chapter when present)"
-    try: from bigmodel_nb.concepts import count_parameters
-    except ImportError: return sum(p.numel() for p in model.parameters())
-    return count_parameters(model)
+from .concepts import count_parameters, machine_info
 
 # %% ../nbs/03_cnn.ipynb #ce24ac79
 from .data import image_dataloaders, TensorLoader, RandomCropFlip, cache_dir
@@ -260,12 +256,6 @@ def show_images(x:torch.Tensor, # images (N, C, H, W), normalised
     return fig
 
 # %% ../nbs/03_cnn.ipynb #3173994a
-def machine() -> str:
-    "One line naming the machine (from the concepts chapter when present)"
-    try: from bigmodel_nb.concepts import machine_info
-    except ImportError: return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    return machine_info()
-
 def eval_accuracy(model:nn.Module, # a trained classifier
                   dl, # a loader of (x, y) batches, e.g. `dls.test`
                   tta:bool=False) -> float: # also average the prediction of each image's mirror image
@@ -295,11 +285,11 @@ def train_measured(name:str, # a name for the results table
     try:
         learn = Learner(model, dls, loss_func=loss_func, opt_func=opt_func, lr=lr, metrics=[accuracy], progress=progress, cbs=cbs)
         t = time.perf_counter(); learn.fit(epochs, lr, sched=sched); secs = time.perf_counter() - t
-        row = dict(model=name, params=count_params(model), epochs=epochs, batch_size=dls.train.batch_size,
+        row = dict(model=name, params=count_parameters(model), epochs=epochs, batch_size=dls.train.batch_size,
                    train_images=len(dls.train.x), test_images=len(dls.test.x), train_s=round(secs, 1),
                    test_acc=eval_accuracy(model, dls.test))
         if tta: row['test_acc_tta'] = eval_accuracy(model, dls.test, tta=True)
-        row['machine'] = machine()
+        row['machine'] = machine_info()
     finally: torch.set_num_threads(old)
     return learn,row
 
