@@ -1,0 +1,166 @@
+"Tests of `bigmodel_nb.compress` on a small CNN trained for seconds on the real scikit-learn digits."
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bigmodel_nb.compress import (accuracy_of, check_goals, compression_report, compression_table, file_size,
+                                  latency, load_sparse, make_permanent, ort_predictor, ort_quantize_dynamic,
+                                  ort_quantize_static, prune_channels, prune_finetune, prune_global, recalibrate_bn,
+                                  quantize_dynamic_int8, quantize_int8, dequantize_int8, quantize_static_int8,
+                                  save_sparse, save_torch, sparsity, timings, to_onnx)
+from bigmodel_nb.data import TensorLoader, image_dataloaders
+from bigmodel_nb.learner import Learner, digits_cnn
+
+
+@pytest.fixture(scope='module')
+def dls(): return image_dataloaders('digits', batch_size=64, seed=0, verbose=False)
+
+
+@pytest.fixture(scope='module')
+def cnn(dls):
+    torch.manual_seed(0)
+    m = digits_cnn(width=16)
+    Learner(m, dls, lr=1e-2, progress=False, device='cpu').fit(3)
+    return m.eval()
+
+
+@pytest.fixture(scope='module')
+def mlp(dls):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    Learner(m, dls, lr=3e-3, progress=False, device='cpu').fit(4)
+    return m.eval()
+
+
+def agreement(a, b, x):
+    with torch.no_grad(): return float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
+
+
+def test_model_is_trained(cnn, dls):
+    assert accuracy_of(cnn, dls.test) > 0.9
+
+
+def test_int8_from_scratch_matches_torch_fake_quant():
+    torch.manual_seed(0); w = torch.randn(8, 4, 3, 3)
+    q, s = quantize_int8(w)
+    ref = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(8, dtype=torch.int32), 0, -127, 127)
+    assert q.dtype == torch.int8 and torch.allclose(dequantize_int8(q, s), ref, atol=1e-7)
+    assert (dequantize_int8(q, s) - w).abs().max() <= s.max() / 2 + 1e-7
+
+
+def test_dynamic_int8_agrees_and_shrinks(mlp, dls, tmp_path):
+    q = quantize_dynamic_int8(mlp)
+    assert agreement(q, mlp, dls.test.x) >= 0.97
+    ratio = file_size(save_torch(q, tmp_path/'q.pt')) / file_size(save_torch(mlp, tmp_path/'f.pt'))
+    assert ratio <= 0.3
+    assert isinstance(mlp[1], nn.Linear)  # the original is untouched
+
+
+def test_dynamic_int8_lstm_close():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(16, 32, batch_first=True).eval(); x = torch.randn(4, 10, 16)
+    with torch.no_grad(): assert torch.allclose(quantize_dynamic_int8(lstm)(x)[0], lstm(x)[0], atol=0.05)
+
+
+def test_static_int8_agrees_and_shrinks(cnn, dls, tmp_path):
+    q = quantize_static_int8(cnn, dls.train, n_batches=5)
+    assert agreement(q, cnn, dls.test.x) >= 0.95
+    assert abs(accuracy_of(q, dls.test) - accuracy_of(cnn, dls.test)) <= 0.03
+    ratio = file_size(save_torch(q, tmp_path/'q.pt')) / file_size(save_torch(cnn, tmp_path/'f.pt'))
+    assert ratio <= 0.4  # a 23k-parameter model: the per-file overhead is a bigger share than on the chapter's CNN
+
+
+def test_ort_roundtrip_and_quantization(cnn, dls, tmp_path):
+    p = to_onnx(cnn, dls.test.x[:1], tmp_path/'m.onnx')  # batch 1 example: the batch stays dynamic
+    run = ort_predictor(p)
+    x = dls.test.x[:64]
+    with torch.no_grad(): assert torch.allclose(run(x), cnn(x), atol=1e-4)
+    assert run(x[:1]).shape == (1, 10)
+    qs = ort_quantize_static(p, tmp_path/'qs.onnx', dls.train, n_batches=5)
+    qd = ort_quantize_dynamic(p, tmp_path/'qd.onnx')
+    assert agreement(ort_predictor(qs), cnn, dls.test.x) >= 0.95
+    assert agreement(ort_predictor(qd), cnn, dls.test.x) >= 0.95
+    assert file_size(qs) < 0.5 * file_size(p)
+
+
+def test_prune_global_exact_and_permanent(cnn):
+    m = prune_global(copy.deepcopy(cnn), 0.7)
+    ws = [x.weight for x in m.modules() if isinstance(x, (nn.Conv2d, nn.Linear))]
+    n = sum(w.numel() for w in ws)
+    assert sum(int((w == 0).sum()) for w in ws) == round(0.7 * n)
+    zeros = [w == 0 for w in ws]
+    make_permanent(m)
+    assert not any(k.endswith('_mask') or k.endswith('_orig') for k in m.state_dict())
+    ws = [x.weight for x in m.modules() if isinstance(x, (nn.Conv2d, nn.Linear))]
+    assert all(torch.equal(w == 0, z) for w, z in zip(ws, zeros))
+    assert sparsity(m) == pytest.approx(round(0.7 * n) / n)
+
+
+def test_finetune_keeps_zeros(cnn, dls):
+    m = prune_finetune(cnn, (TensorLoader(dls.train.x[:256], dls.train.y[:256], 64), None), 0.8, epochs=1, lr=1e-3)
+    n = sum(x.weight.numel() for x in m.modules() if isinstance(x, (nn.Conv2d, nn.Linear)))
+    assert sparsity(m) >= round(0.8 * n) / n
+    assert sparsity(cnn) < 0.01  # the original is untouched
+
+
+def test_recalibrate_bn_matches_batch_statistics(cnn, dls):
+    m = recalibrate_bn(copy.deepcopy(cnn), [(dls.train.x[:256], None)], n_batches=1)
+    bn, conv = m[0][1], m[0][0]
+    with torch.no_grad(): h = conv(dls.train.x[:256])
+    assert not m.training and torch.allclose(bn.running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    assert bn.momentum == cnn[0][1].momentum
+
+
+def test_prune_channels_zeroes_whole_channels(cnn):
+    m = prune_channels(copy.deepcopy(cnn), 0.5)
+    for c in [x for x in m.modules() if isinstance(x, nn.Conv2d)]:
+        assert int((c.weight.flatten(1).abs().sum(1) == 0).sum()) == round(0.5 * c.out_channels)
+
+
+def test_sparse_file_roundtrip(cnn, tmp_path):
+    m = make_permanent(prune_global(copy.deepcopy(cnn), 0.9))
+    p = save_sparse(m, tmp_path/'s.pt')
+    back = load_sparse(p)
+    assert all(torch.equal(back[k], v) for k, v in m.state_dict().items())
+    assert file_size(p) < 0.5 * file_size(save_torch(m, tmp_path/'d.pt'))
+
+
+def test_timing_helpers(cnn, dls):
+    ts = timings(cnn, dls.test.x[:8], warmup=1, repeats=4)
+    assert len(ts) == 4 and all(t > 0 for t in ts)
+    assert latency(cnn, dls.test.x[:1], warmup=1, repeats=3) > 0
+
+
+@pytest.mark.parametrize('amount', [1.0, -0.1, 1.5, '0.5', True])
+def test_bad_amount(cnn, amount):
+    with pytest.raises(ValueError, match=r'\[0, 1\)'): prune_global(copy.deepcopy(cnn), amount)
+    with pytest.raises(ValueError, match=r'\[0, 1\)'): prune_channels(copy.deepcopy(cnn), amount)
+
+
+def test_model_without_layers_raises():
+    bare = nn.Sequential(nn.ReLU(), nn.Flatten())
+    for f in (lambda: prune_global(bare, 0.5), lambda: quantize_dynamic_int8(bare),
+              lambda: quantize_static_int8(bare, [torch.randn(2, 4)]), lambda: sparsity(bare)):
+        with pytest.raises(ValueError, match='nothing to compress'): f()
+
+
+def test_other_errors(cnn, tmp_path):
+    with pytest.raises(ValueError, match='make_permanent'): save_torch(prune_global(copy.deepcopy(cnn), 0.5), tmp_path/'x.pt')
+    with pytest.raises(ValueError, match='method'): prune_finetune(cnn, None, 0.5, method='random')
+    with pytest.raises(FileNotFoundError, match='to_onnx'): ort_quantize_dynamic(tmp_path/'none.onnx', tmp_path/'q.onnx')
+    with pytest.raises(ValueError, match='no batch'): quantize_static_int8(cnn, [])
+
+
+def test_report_rows_table_goals(cnn, dls, tmp_path):
+    rows = compression_report(cnn, dls, tmp_path, amounts=(0.8,), channel_amount=0, epochs=1, repeats=2, rounds=2, finetune_limit=256,
+                              with_ort=False, verbose=False)
+    assert [r['kind'] for r in rows] == ['fp32', 'int8', 'int8', 'pruned']
+    assert all(r['ms_b1'] > 0 and r['min_ms_b64'] <= r['ms_b64'] for r in rows)
+    assert rows[0]['ratio'] == 1 and rows[-1]['sparsity'] >= 0.79 and rows[-1]['csr'] < rows[-1]['size']
+    table = compression_table(rows)
+    assert table.count('\n') == len(rows) + 1 and 'INT8 static' in table
+    g = check_goals(rows, max_ratio=1.0, max_int8_loss=100, min_sparsity=0.5, max_prune_loss=100)
+    assert g['int8'] is not None and g['pruned'] is not None
+    assert check_goals(rows, max_ratio=0.0)['int8'] is None
