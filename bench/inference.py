@@ -1,0 +1,119 @@
+"""Inference latency of the chapter's strong CNN: the library's `Predictor` vs torch eager vs a bare ONNX Runtime session.
+
+All in one process, interleaved (`compare_latency` rotates and reverses the order every round), medians. The contenders:
+
+- torch eager: `model(x)` under `inference_mode`, on a normalized float batch;
+- onnxruntime (bare): `InferenceSession.run([output], {input: x})` on the same normalized float batch (no preprocessing);
+- Predictor: `bigmodel_nb.deploy.Predictor` on raw uint8 images, as a user sends them: input checks, normalization
+  from the config, the session run, softmax (in the graph) and labels with names;
+- onnxruntime INT8 (static QDQ, from the compression chapter), bare, for reference;
+- torch.compile, only with BENCH_COMPILE=1 (compiling takes about a minute per batch size here).
+
+The ONNX Runtime sessions come from `ort_session` (same threads as torch, spinning off). The weights are the chapter's
+trained CNN when its file is in the cache, else random ones: latency depends on the architecture, not on the weights.
+
+Goals at batch 1: Predictor / torch eager <= 0.25, and Predictor / bare session <= 1.2 (the wrapper adds almost
+nothing). Prints a Markdown table, writes it to bench/results/inference.md, and ends with `inference: RATIO`
+(Predictor / torch eager at batch 1, medians).
+"""
+import os, platform, sys, tempfile, time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bigmodel_nb.cnn import FashionCNN, cnn_path, load_cnn
+from bigmodel_nb.compress import ort_quantize_static
+from bigmodel_nb.data import load_fashion_mnist, normalize
+from bigmodel_nb.deploy import Predictor, compare_latency, export_onnx, latency_markdown, ort_session
+
+THREADS = int(os.environ.get('BENCH_THREADS', 2))   # torch and ONNX Runtime intra-op threads
+REPEATS = int(os.environ.get('BENCH_REPEATS', 2000))  # timed calls per contender at batch 1; batch b gets max(50, REPEATS // b)
+ROUNDS = int(os.environ.get('BENCH_ROUNDS', 20))    # interleaved rounds
+BATCHES = tuple(int(b) for b in os.environ.get('BENCH_BATCHES', '1,8,64').split(','))
+COMPILE = os.environ.get('BENCH_COMPILE', '0') == '1'
+
+
+def cpu_name():
+    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration): return platform.processor() or platform.machine()
+
+
+def main():
+    torch.set_num_threads(THREADS)
+    path = cnn_path(quick=False) if cnn_path(quick=False).is_file() else cnn_path(quick=True)
+    if path.is_file(): model, weights = load_cnn(path), f'trained weights ({path.name})'
+    else:
+        torch.manual_seed(0); model, weights = FashionCNN(), 'random weights (no trained file in the cache; latency does not depend on them)'
+    model = model.eval()
+    ds = load_fashion_mnist(verbose=False)
+    x_raw = ds.x_test[:max(BATCHES)].numpy()                      # uint8 (N, 1, 28, 28), as a user sends them
+    xf = ds.x_train.float().div(255); mean, std = xf.mean().reshape(1), xf.std().reshape(1); del xf
+    x_norm = normalize(ds.x_test[:max(BATCHES)], mean, std)       # what torch and the bare session get
+    config = {'preprocessing': {'input_shape': [1, 28, 28], 'pixel_scale': 255.0, 'mean': mean.tolist(), 'std': std.tolist()},
+              'labels': list(ds.classes)}
+
+    tmp = Path(tempfile.mkdtemp(prefix='bench-inference-'))
+    onnx_path = export_onnx(model, x_norm[:1], tmp / 'cnn.onnx')
+    calib = [normalize(ds.x_train[i:i + 16], mean, std) for i in range(0, 160, 16)]  # 10 real training batches
+    int8_path = ort_quantize_static(onnx_path, tmp / 'cnn.int8.onnx', calib)
+    sess, int8 = ort_session(onnx_path, THREADS), ort_session(int8_path, THREADS)
+    pred = Predictor(onnx_path, config, threads=THREADS)
+    assert (pred(x_raw).labels == model(x_norm).argmax(1).numpy()).all(), 'the predictor disagrees with torch'
+
+    def eager(m):
+        def make(bs):
+            x = x_norm[:bs].clone()
+            def f():
+                with torch.inference_mode(): m(x)
+            return f
+        return make
+
+    def bare(s):
+        def make(bs):
+            feed, out = {s.get_inputs()[0].name: np.ascontiguousarray(x_norm[:bs].numpy())}, [s.get_outputs()[0].name]
+            return lambda: s.run(out, feed)
+        return make
+
+    def predictor(bs):
+        x = x_raw[:bs].copy()
+        return lambda: pred(x)
+
+    runners = {'torch eager': eager(model), 'onnxruntime (bare session)': bare(sess), 'Predictor (uint8 in, labels out)': predictor,
+               'onnxruntime INT8 (bare session)': bare(int8)}
+    if COMPILE:
+        compiled = torch.compile(model)
+        with torch.inference_mode():
+            for bs in BATCHES: compiled(x_norm[:bs])
+        runners['torch.compile'] = eager(compiled)
+
+    t0 = time.perf_counter()
+    rows = []
+    for bs in BATCHES:
+        n = max(50, REPEATS // bs)
+        rows += compare_latency(runners, batch_sizes=(bs,), repeats=n, warmup=max(10, n // 20), rounds=min(ROUNDS, n))
+    took = time.perf_counter() - t0
+    b1 = {r['runner']: r['median_us'] for r in rows if r['batch'] == 1}
+    vs_eager = b1['Predictor (uint8 in, labels out)'] / b1['torch eager']
+    vs_bare = b1['Predictor (uint8 in, labels out)'] / b1['onnxruntime (bare session)']
+
+    import onnxruntime as ort
+    lines = [f'Machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({THREADS} threads), '
+             f'onnxruntime {ort.__version__} ({THREADS} intra-op threads, spinning off), Python {platform.python_version()}',
+             f'Model: FashionCNN {model.cfg["channels"]} channels, {sum(p.numel() for p in model.parameters()):,} parameters, {weights}.',
+             f'{REPEATS} timed calls per contender at batch 1 (batch b: max(50, {REPEATS} // b)) in {ROUNDS} interleaved rounds, medians; {took:.0f} s in all.',
+             '', latency_markdown(rows), '',
+             f'Batch 1: Predictor / torch eager = {vs_eager:.3f} (goal <= 0.25); '
+             f'Predictor / bare session = {vs_bare:.3f} (goal <= 1.2).']
+    table = '\n'.join(lines)
+    print(table)
+    out = Path(__file__).resolve().parent / 'results' / 'inference.md'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text('# Inference latency\n\n' + table + '\n')
+    print(f'\nwrote {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}')
+    print(f'predictor / bare session: {vs_bare:.2f}')
+    print(f'inference: {vs_eager:.2f}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())
