@@ -1,4 +1,4 @@
-"""Convolution and pooling from scratch and checked against `torch.nn`; the seed's LeNet; a small BatchNorm CNN that reaches 93.5% on Fashion-MNIST in five minutes of a 2-core CPU.
+"""Convolution and pooling from scratch and checked against `torch.nn`; the seed's LeNet; a small BatchNorm CNN for Fashion-MNIST, trained on a 2-core CPU.
 
 Docs: https://bigmodel-nb.github.io/bigmodel_nb/cnn.html.md"""
 
