@@ -500,6 +500,7 @@ def check_goals(rows:list, # from `compression_report`
                 max_prune_loss:float=1.0) -> dict: # pruning: accuracy loss in points at most this
     "The smallest INT8 row and the sparsest pruned row that meet the goals (None when none does)"
     ok8 = [r for r in rows if r['kind'] == 'int8' and r['ratio'] <= max_ratio and -r['delta'] <= max_int8_loss]
-    okp = [r for r in rows if r['kind'] == 'pruned' and r['sparsity'] >= min_sparsity and -r['delta'] <= max_prune_loss]
+    # pruning `amount` of n weights zeroes round(amount·n) of them, so "80%" can be 0.79999…: compare at 0.1% resolution
+    okp = [r for r in rows if r['kind'] == 'pruned' and round(r['sparsity'], 3) >= min_sparsity and -r['delta'] <= max_prune_loss]
     return dict(int8=min(ok8, key=lambda r: r['ratio']) if ok8 else None,
                 pruned=max(okp, key=lambda r: r['sparsity']) if okp else None)
