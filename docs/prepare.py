@@ -71,6 +71,9 @@ def convert(path: Path) -> nbformat.NotebookNode:
         if module is not None and {'export', 'exports'} & set(d):
             cells += [nbformat.v4.new_markdown_cell(md) for md in api_reference(body, module)]
     nb.cells = cells
+    # nbdev-clean drops the kernel's language info; MyST-NB needs it to highlight the code cells
+    nb.metadata['language_info'] = {'name': 'python', 'pygments_lexer': 'ipython3'}
+    nb.metadata.setdefault('kernelspec', {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'})
     return nb
 
 
