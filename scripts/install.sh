@@ -11,12 +11,13 @@ mkdir -p .make
 stamp=.make/install.stamp
 want="$(sha256sum pyproject.toml | cut -c1-16) $($PY -c 'import sys; print(sys.prefix)')"
 
-here_ok() {  # the installed package is this checkout's, and every extra imports
-  $PY - <<'PY' 2>/dev/null
-import pathlib, bigmodel_nb, torch, torchvision, onnxruntime, onnxscript, safetensors, fastprogress
+here_ok() {  # the installed package is this checkout's (checked from outside it), and every extra imports
+  (cd / && REPO="$OLDPWD" $PY - <<'PY' 2>/dev/null
+import os, pathlib, bigmodel_nb, torch, torchvision, onnxruntime, onnxscript, safetensors, fastprogress
 import nbdev, pytest, hypothesis, sphinx, myst_nb, sphinx_book_theme, fastapi, uvicorn, prometheus_client, httpx
-assert pathlib.Path(bigmodel_nb.__file__).resolve().parent == pathlib.Path('bigmodel_nb').resolve()
+assert pathlib.Path(bigmodel_nb.__file__).resolve().parent == pathlib.Path(os.environ['REPO'], 'bigmodel_nb').resolve()
 PY
+  )
 }
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && here_ok; then
