@@ -16,7 +16,7 @@ import torch
 
 from bigmodel_nb.cnn import cnn_path, get_trained_cnn
 from bigmodel_nb.compress import (accuracy_of, file_size, ort_predictor, ort_quantize_static, quantize_static_int8,
-                                  save_torch, timings, to_onnx)
+                                  save_torch, timings, export_onnx)
 from bigmodel_nb.concepts import human_bytes, machine_info
 from bigmodel_nb.data import image_dataloaders
 
@@ -29,7 +29,7 @@ t0 = time.perf_counter()
 dls = image_dataloaders('fashion_mnist', batch_size=128, valid_pct=0.0, seed=0, limit=6000 if QUICK else None, verbose=False)
 model = get_trained_cnn(quick=QUICK, verbose=False)
 tmp = Path(tempfile.mkdtemp())
-onnx = to_onnx(model, dls.test.x[:2], tmp/'fp32.onnx')
+onnx = export_onnx(model, dls.test.x[:2], tmp/'fp32.onnx')
 models = {('torch', 'fp32'): (model, save_torch(model, tmp/'fp32.pt')),
           ('torch', 'INT8 static (FX)'): (q := quantize_static_int8(model, dls.train, 10), save_torch(q, tmp/'int8.pt')),
           ('onnxruntime', 'fp32'): (ort_predictor(onnx), onnx),

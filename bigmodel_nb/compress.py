@@ -6,7 +6,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/compression.html.md"""
 
 # %% ../nbs/07_compression.ipynb #2f8ed5d1
 from __future__ import annotations
-import copy, logging, os, statistics, tempfile, time, warnings, zlib
+import contextlib, copy, io, logging, os, statistics, tempfile, time, warnings, zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune
+import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_dynamic as _ort_qdynamic, quantize_static as _ort_qstatic)
@@ -25,9 +26,9 @@ from .learner import Learner, accuracy
 
 # %% auto #0
 __all__ = ['PRUNABLE', 'file_size', 'zipped_size', 'save_torch', 'timings', 'latency', 'accuracy_of', 'quantize_int8',
-           'dequantize_int8', 'quantize_dynamic_int8', 'quantize_static_int8', 'to_onnx', 'ort_session',
-           'ort_predictor', 'LoaderCalibrationReader', 'ort_quantize_dynamic', 'ort_quantize_static', 'prunable',
-           'sparsity', 'layer_sparsity', 'prune_global', 'prune_channels', 'make_permanent', 'finetune',
+           'dequantize_int8', 'quantize_dynamic_int8', 'quantize_static_int8', 'export_onnx', 'ort_providers',
+           'ort_session', 'ort_predictor', 'LoaderCalibrationReader', 'ort_quantize_dynamic', 'ort_quantize_static',
+           'prunable', 'sparsity', 'layer_sparsity', 'prune_global', 'prune_channels', 'make_permanent', 'finetune',
            'recalibrate_bn', 'prune_finetune', 'save_sparse', 'load_sparse', 'measure', 'compression_report',
            'compression_table', 'check_goals']
 
@@ -170,26 +171,63 @@ def quantize_static_int8(model:nn.Module, # a float model, FX-traceable (no data
         return convert_fx(p)
 
 # %% ../nbs/07_compression.ipynb #02f7c3be
-def to_onnx(model:nn.Module, # the model, exported in eval mode on the CPU (a copy; the original is untouched)
-            example:torch.Tensor, # an input batch (its batch size becomes dynamic)
-            path, # the `.onnx` file to write (one file, no external data)
-            dynamic_batch:bool=True) -> Path: # let the batch dimension vary
-    "Export with the dynamo exporter to one `.onnx` file with input `input` and output `logits`"
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).cpu().eval()
-    if dynamic_batch and example.shape[0] < 2: example = example.expand(2, *example.shape[1:]).contiguous()
-    ds = ({0: torch.export.Dim('batch')},) if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', category=DeprecationWarning)
-        torch.onnx.export(model, (example.cpu(),), str(path), dynamo=True, external_data=False, verbose=False,
-                          input_names=['input'], output_names=['logits'], dynamic_shapes=ds)
+def _as_tuple(x): return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+def _device(model): return next(model.parameters(), torch.empty(0)).device
+
+def export_onnx(model:nn.Module, # the model; exported in eval mode, its mode restored afterwards
+                example, # an example input batch (a tensor, or a tuple of tensors); any batch size
+                path, # the `.onnx` file to write: one file, the weights inside
+                input_names=('input',), # one name per input
+                output_names=('logits',), # one name per output
+                dynamic_batch:bool=True, # axis 0 of every input becomes the symbolic size 'batch'
+                opset:int|None=None, # ONNX opset; None: the exporter's default
+                check:bool=True, # validate with `onnx.checker.check_model(full_check=True)`
+                quiet:bool=True, # hide the exporter's progress lines
+               ) -> Path:
+    "Export `model` with the dynamo exporter to one checked `.onnx` file, written atomically."
+    path, example = Path(path), _as_tuple(example)
+    if len(input_names) != len(example):
+        raise ValueError(f"{len(example)} example inputs but {len(input_names)} input_names {list(input_names)}")
+    example = tuple(t.to(_device(model)) for t in example)
+    dyn = tuple({0: torch.export.Dim('batch')} for _ in example) if dynamic_batch else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, part = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part'); os.close(fd)
+    was_training = model.training
+    try:
+        model.eval()
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            torch.onnx.export(model, example, part, dynamo=True, external_data=False, input_names=list(input_names),
+                              output_names=list(output_names), dynamic_shapes=dyn, opset_version=opset)
+        if check: onnx.checker.check_model(onnx.load(part), full_check=True)
+        os.replace(part, path)
+    finally:
+        model.train(was_training)
+        if os.path.exists(part): os.unlink(part)
     return path
 
-def ort_session(path, # an `.onnx` file
-                threads:int=2) -> ort.InferenceSession: # intra-op threads
-    "An ONNX Runtime CPU session with `threads` intra-op threads and one inter-op thread"
-    o = ort.SessionOptions(); o.intra_op_num_threads, o.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), o, providers=['CPUExecutionProvider'])
+def ort_providers(gpu:bool=True) -> list: # use CUDA when this onnxruntime build has it
+    "ONNX Runtime providers: CUDA then CPU when the CUDA provider is available and `gpu`, else the CPU alone."
+    cuda = gpu and 'CUDAExecutionProvider' in ort.get_available_providers()
+    return ['CUDAExecutionProvider', 'CPUExecutionProvider'] if cuda else ['CPUExecutionProvider']
+
+def ort_session(model, # an `.onnx` path, or the model's serialized bytes
+                threads:int|None=None, # intra-op threads; None: as many as torch uses
+                providers=None, # None: `ort_providers()`
+                optimize:bool=True, # every graph optimization (ORT_ENABLE_ALL), else the basic ones
+                spin:bool=False, # idle intra-op threads busy-wait for work (see the note below)
+               ) -> ort.InferenceSession:
+    "An ONNX Runtime session with explicit threads, providers and graph optimizations."
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    so.log_severity_level = 3  # errors only
+    if not spin: so.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=providers or ort_providers())
 
 def ort_predictor(model, # an `.onnx` path or an `InferenceSession`
                   threads:int=2): # intra-op threads, when a path is given
@@ -214,7 +252,7 @@ class LoaderCalibrationReader(CalibrationDataReader):
     def rewind(self): self._it = iter(self.xs)
 
 def _check_onnx(path):
-    if not Path(path).exists(): raise FileNotFoundError(f"no ONNX file at {path}; write one with `to_onnx(model, example, path)`")
+    if not Path(path).exists(): raise FileNotFoundError(f"no ONNX file at {path}; write one with `export_onnx(model, example, path)`")
 
 def _preprocessed(onnx_path, tmp):
     pre = Path(tmp)/'pre.onnx'
@@ -460,7 +498,7 @@ def compression_report(model:nn.Module, # the trained float model (left untouche
         return add('INT8 static (FX, per-channel)', q, save_torch(q, out/'int8_static.pt'), test, 'int8', **kw)
     rows.append(step('torch static INT8', static))
     if with_ort:
-        onnx = step('ONNX export', lambda: to_onnx(model, _first(test, 2), out/'fp32.onnx'))
+        onnx = step('ONNX export', lambda: export_onnx(model, _first(test, 2), out/'fp32.onnx'))
         rows.append(step('ORT fp32', lambda: add('fp32', ort_predictor(onnx, threads), onnx, test, 'fp32', 'onnxruntime', **kw)))
         def od():
             p = ort_quantize_dynamic(onnx, out/'int8_dynamic.onnx')

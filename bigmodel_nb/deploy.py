@@ -22,46 +22,13 @@ from .cnn import FashionCNN, CNN_ARCH_KEYS
 from .compress import timings
 
 # %% auto #0
-__all__ = ['PACKAGE_FORMAT', 'PACKAGE_FILES', 'export_onnx', 'onnx_signature', 'ort_providers', 'ort_session', 'parity_check',
-           'image_config', 'architecture', 'build_model', 'with_softmax', 'Prediction', 'Predictor', 'latency_stats',
-           'time_calls', 'compare_latency', 'latency_markdown', 'plot_latency', 'model_card', 'PackageError',
-           'save_package', 'verify_package', 'load_package', 'load_package_weights']
+__all__ = ['PACKAGE_FORMAT', 'PACKAGE_FILES', 'onnx_signature', 'parity_check', 'image_config', 'architecture', 'build_model',
+           'with_softmax', 'Prediction', 'Predictor', 'latency_stats', 'time_calls', 'compare_latency',
+           'latency_markdown', 'plot_latency', 'model_card', 'PackageError', 'save_package', 'verify_package',
+           'load_package', 'load_package_weights']
 
 # %% ../nbs/08_deployment.ipynb #1c48b3a2
-def _as_tuple(x): return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-def _device(model): return next(model.parameters(), torch.empty(0)).device
-
-def export_onnx(model:nn.Module, # the model; exported in eval mode, its mode restored afterwards
-                example, # an example input batch (a tensor, or a tuple of tensors); any batch size
-                path, # the `.onnx` file to write: one file, the weights inside
-                input_names=('input',), # one name per input
-                output_names=('logits',), # one name per output
-                dynamic_batch:bool=True, # axis 0 of every input becomes the symbolic size 'batch'
-                opset:int|None=None, # ONNX opset; None: the exporter's default
-                check:bool=True, # validate with `onnx.checker.check_model(full_check=True)`
-                quiet:bool=True, # hide the exporter's progress lines
-               ) -> Path:
-    "Export `model` with the dynamo exporter to one checked `.onnx` file, written atomically."
-    path, example = Path(path), _as_tuple(example)
-    if len(input_names) != len(example):
-        raise ValueError(f"{len(example)} example inputs but {len(input_names)} input_names {list(input_names)}")
-    example = tuple(t.to(_device(model)) for t in example)
-    dyn = tuple({0: torch.export.Dim('batch')} for _ in example) if dynamic_batch else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, part = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part'); os.close(fd)
-    was_training = model.training
-    try:
-        model.eval()
-        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            torch.onnx.export(model, example, part, dynamo=True, external_data=False, input_names=list(input_names),
-                              output_names=list(output_names), dynamic_shapes=dyn, opset_version=opset)
-        if check: onnx.checker.check_model(onnx.load(part), full_check=True)
-        os.replace(part, path)
-    finally:
-        model.train(was_training)
-        if os.path.exists(part): os.unlink(part)
-    return path
+from .compress import export_onnx, _as_tuple, _device  # defined in the compression chapter, which exports before it quantizes
 
 # %% ../nbs/08_deployment.ipynb #ecd4b328
 def onnx_signature(path) -> dict: # an `.onnx` file, or its bytes
@@ -73,28 +40,7 @@ def onnx_signature(path) -> dict: # an `.onnx` file, or its bytes
     return {'inputs': sig(g.input), 'outputs': sig(g.output)}
 
 # %% ../nbs/08_deployment.ipynb #2b26eaf2
-def ort_providers(gpu:bool=True) -> list: # use CUDA when this onnxruntime build has it
-    "ONNX Runtime providers: CUDA then CPU when the CUDA provider is available and `gpu`, else the CPU alone."
-    cuda = gpu and 'CUDAExecutionProvider' in ort.get_available_providers()
-    return ['CUDAExecutionProvider', 'CPUExecutionProvider'] if cuda else ['CPUExecutionProvider']
-
-def ort_session(model, # an `.onnx` path, or the model's serialized bytes
-                threads:int|None=None, # intra-op threads; None: as many as torch uses
-                providers=None, # None: `ort_providers()`
-                optimize:bool=True, # every graph optimization (ORT_ENABLE_ALL), else the basic ones
-                spin:bool=False, # idle intra-op threads busy-wait for work (see the note below)
-               ) -> ort.InferenceSession:
-    "An ONNX Runtime session with explicit threads, providers and graph optimizations."
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or torch.get_num_threads()
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-    so.log_severity_level = 3  # errors only
-    if not spin: so.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
-                                providers=providers or ort_providers())
+from .compress import ort_providers, ort_session  # defined in the compression chapter
 
 # %% ../nbs/08_deployment.ipynb #d99f29a9
 def parity_check(model:nn.Module, # the torch model (run in eval mode)

@@ -9,7 +9,7 @@ from bigmodel_nb.compress import (accuracy_of, check_goals, compression_report, 
                                   latency, load_sparse, make_permanent, ort_predictor, ort_quantize_dynamic,
                                   ort_quantize_static, prune_channels, prune_finetune, prune_global, recalibrate_bn,
                                   quantize_dynamic_int8, quantize_int8, dequantize_int8, quantize_static_int8,
-                                  save_sparse, save_torch, sparsity, timings, to_onnx)
+                                  save_sparse, save_torch, sparsity, timings, export_onnx)
 from bigmodel_nb.data import TensorLoader, image_dataloaders
 from bigmodel_nb.learner import Learner, digits_cnn
 
@@ -73,7 +73,7 @@ def test_static_int8_agrees_and_shrinks(cnn, dls, tmp_path):
 
 
 def test_ort_roundtrip_and_quantization(cnn, dls, tmp_path):
-    p = to_onnx(cnn, dls.test.x[:1], tmp_path/'m.onnx')  # batch 1 example: the batch stays dynamic
+    p = export_onnx(cnn, dls.test.x[:1], tmp_path/'m.onnx')  # batch 1 example: the batch stays dynamic
     run = ort_predictor(p)
     x = dls.test.x[:64]
     with torch.no_grad(): assert torch.allclose(run(x), cnn(x), atol=1e-4)
@@ -149,7 +149,7 @@ def test_model_without_layers_raises():
 def test_other_errors(cnn, tmp_path):
     with pytest.raises(ValueError, match='make_permanent'): save_torch(prune_global(copy.deepcopy(cnn), 0.5), tmp_path/'x.pt')
     with pytest.raises(ValueError, match='method'): prune_finetune(cnn, None, 0.5, method='random')
-    with pytest.raises(FileNotFoundError, match='to_onnx'): ort_quantize_dynamic(tmp_path/'none.onnx', tmp_path/'q.onnx')
+    with pytest.raises(FileNotFoundError, match='export_onnx'): ort_quantize_dynamic(tmp_path/'none.onnx', tmp_path/'q.onnx')
     with pytest.raises(ValueError, match='no batch'): quantize_static_int8(cnn, [])
 
 
