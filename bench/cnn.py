@@ -10,12 +10,13 @@ the later chapters find it. Options: --epochs N, --time-budget SECONDS (pace the
 --limit N and --out FILE (smoke tests).
 """
 import argparse, os, sys, time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bigmodel_nb.cnn import cnn_config, cnn_path, conv2d, machine_info, save_cnn, time_call, train_fashion_cnn
+
+from _results import write_results
 
 SHAPES = [  # (name, x shape, weight shape, padding)
     ('LeNet conv1, 1→6 5×5 on 28×28', (128, 1, 28, 28), (6, 1, 5, 5), 0),
@@ -42,10 +43,10 @@ def conv_rows(n=20):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--epochs', type=int, default=None, help="epochs (default: cnn_config()'s)")
-    ap.add_argument('--time-budget', type=float, default=None, help='seconds of training; paces the one-cycle schedule')
+    ap.add_argument('--time-budget', type=float, default=None, help="seconds of training at most; paces the one-cycle schedule (default: cnn_config()'s)")
     ap.add_argument('--no-save', action='store_true', help='do not save the trained model to the user cache')
     ap.add_argument('--limit', type=int, default=None, help='smoke test: train on a subset of this many images (implies --no-save)')
-    ap.add_argument('--out', default=str(Path(__file__).resolve().parent/'results'/'cnn.md'), help='the Markdown table to write')
+    ap.add_argument('--out', default=None, help='the Markdown file to write (default: bench/results/cnn.md)')
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     mach = f"{machine_info()}; torch threads {torch.get_num_threads()}, os.cpu_count() {os.cpu_count()}"
@@ -67,19 +68,17 @@ def main(argv=None):
         print(f"saved {p}", flush=True)
 
     budget = f", time budget {cfg['time_budget']:g} s" if cfg['time_budget'] else ''
-    md = ['# CNN benchmark', '', f'Machine: {mach}', '',
+    md = [f'Machine: {mach}', '',
           f"## The goal: the strong CNN on Fashion-MNIST ({row['train_images']:,} training images, {row['test_images']:,} test images)", '',
           '| model | params | epochs | batch | training time (s) | test accuracy | test accuracy, flip TTA |', '|---|---|---|---|---|---|---|',
-          f"| FashionCNN {cfg['channels']}×{cfg['convs']}, AdamW one-cycle lr {cfg['lr']}, flips, label smoothing {cfg['label_smoothing']}"
+          f"| FashionCNN {cfg['channels']}×{cfg['convs']}, head {cfg['hidden']} (dropout {cfg['dropout']}), AdamW one-cycle lr {cfg['lr']}, "
+          f"weight decay {cfg['weight_decay']}, flips, label smoothing {cfg['label_smoothing']}, {cfg['epochs']} epochs at most"
           f"{budget}"
           f" | {row['params']:,} | {row['epochs']} | {cfg['batch_size']} | {row['train_s']:.1f} | {row['test_acc']:.2%} | {row['test_acc_tta']:.2%} |",
           '', '## From-scratch convolution (im2col + matmul) vs `F.conv2d` (medians of 20 calls)', '', *conv_md, '',
           f'Geometric mean of the forward ratios: {ratio:.2f}× (information, no goal).', '']
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text('\n'.join(md))
-    print('\n'.join(md[4:9]))
-    print(f"wrote {out}")
+    write_results('cnn', 'CNN benchmark', '\n'.join(md), out=args.out, show=False)
+    print('\n'.join(md[2:7]))
     print(f"cnn: {row['test_acc']*100:.1f}% in {row['train_s']:.0f} s")
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from _results import write_results
+
 from bigmodel_nb.cnn import cnn_path, get_trained_cnn
 from bigmodel_nb.compress import (accuracy_of, file_size, ort_predictor, ort_quantize_static, quantize_static_int8,
                                   save_torch, timings, export_onnx)
@@ -57,8 +59,5 @@ for k in keys:
     if k[1] != 'fp32' and d >= -0.5: ratios.append(sr)
     lines.append(f"| {k[0]} | {k[1]} | {human_bytes(size[k])} | {sr:.3f} | {ms[k, 1]:.2f} | {ms[k, 1] / ms[base, 1]:.2f} | "
                  f"{ms[k, 64]:.1f} | {ms[k, 64] / ms[base, 64]:.2f} | {100 * acc[k]:.2f} | {d:+.2f} |")
-table = '\n'.join(lines)
-print(table)
-Path(__file__).parent.joinpath('results').mkdir(exist_ok=True)
-Path(__file__).parent.joinpath('results', 'compression.md').write_text(table + '\n')
+write_results('compression', 'INT8 vs fp32', '\n'.join(lines))
 print(f"compression: {min(ratios):.3f}" if ratios else "compression: nan")

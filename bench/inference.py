@@ -6,7 +6,9 @@ All in one process, interleaved (`compare_latency` rotates and reverses the orde
 - onnxruntime (bare): `InferenceSession.run([output], {input: x})` on the same normalized float batch (no preprocessing);
 - Predictor: `bigmodel_nb.deploy.Predictor` on raw uint8 images, as a user sends them: input checks, normalization
   from the config, the session run, softmax (in the graph) and labels with names;
-- onnxruntime INT8 (static QDQ, from the compression chapter), bare, for reference;
+- onnxruntime INT8 (static QDQ, from the compression chapter, calibrated on 10 training batches), bare;
+- Predictor INT8: the same `Predictor` on that INT8 model, as `load_package(..., int8=True)` serves it (the package
+  ships both models); its test accuracy is measured here too, next to the fp32 model's;
 - torch.compile, only with BENCH_COMPILE=1 (compiling takes about a minute per batch size here).
 
 The ONNX Runtime sessions come from `ort_session` (same threads as torch, spinning off). The weights are the chapter's
@@ -14,7 +16,7 @@ trained CNN when its file is in the cache, else random ones: latency depends on 
 
 Goals at batch 1: Predictor / torch eager <= 0.25, and Predictor / bare session <= 1.2 (the wrapper adds almost
 nothing). Prints a Markdown table, writes it to bench/results/inference.md, and ends with `inference: RATIO`
-(Predictor / torch eager at batch 1, medians).
+(Predictor on the INT8 model / torch eager at batch 1, medians; the line says the fp32 model's ratio too).
 """
 import os, platform, sys, tempfile, time
 from pathlib import Path
@@ -26,6 +28,8 @@ from bigmodel_nb.cnn import FashionCNN, cnn_path, load_cnn
 from bigmodel_nb.compress import ort_quantize_static
 from bigmodel_nb.data import load_fashion_mnist, normalize
 from bigmodel_nb.deploy import Predictor, compare_latency, export_onnx, latency_markdown, ort_session
+
+from _results import write_results
 
 THREADS = int(os.environ.get('BENCH_THREADS', 2))   # torch and ONNX Runtime intra-op threads
 REPEATS = int(os.environ.get('BENCH_REPEATS', 2000))  # timed calls per contender at batch 1; batch b gets max(50, REPEATS // b)
@@ -58,8 +62,10 @@ def main():
     calib = [normalize(ds.x_train[i:i + 16], mean, std) for i in range(0, 160, 16)]  # 10 real training batches
     int8_path = ort_quantize_static(onnx_path, tmp / 'cnn.int8.onnx', calib)
     sess, int8 = ort_session(onnx_path, THREADS), ort_session(int8_path, THREADS)
-    pred = Predictor(onnx_path, config, threads=THREADS)
+    pred, pred8 = Predictor(onnx_path, config, threads=THREADS), Predictor(int8_path, config, threads=THREADS)
     assert (pred(x_raw).labels == model(x_norm).argmax(1).numpy()).all(), 'the predictor disagrees with torch'
+    y_test = ds.y_test.numpy()
+    acc, acc8 = (float((p(ds.x_test.numpy()).labels == y_test).mean()) for p in (pred, pred8))
 
     def eager(m):
         def make(bs):
@@ -75,12 +81,15 @@ def main():
             return lambda: s.run(out, feed)
         return make
 
-    def predictor(bs):
-        x = x_raw[:bs].copy()
-        return lambda: pred(x)
+    def predictor(p):
+        def make(bs):
+            x = x_raw[:bs].copy()
+            return lambda: p(x)
+        return make
 
-    runners = {'torch eager': eager(model), 'onnxruntime (bare session)': bare(sess), 'Predictor (uint8 in, labels out)': predictor,
-               'onnxruntime INT8 (bare session)': bare(int8)}
+    P, P8 = 'Predictor (uint8 in, labels out)', 'Predictor INT8 (uint8 in, labels out)'
+    runners = {'torch eager': eager(model), 'onnxruntime (bare session)': bare(sess), P: predictor(pred),
+               'onnxruntime INT8 (bare session)': bare(int8), P8: predictor(pred8)}
     if COMPILE:
         compiled = torch.compile(model)
         with torch.inference_mode():
@@ -94,8 +103,8 @@ def main():
         rows += compare_latency(runners, batch_sizes=(bs,), repeats=n, warmup=max(10, n // 20), rounds=min(ROUNDS, n))
     took = time.perf_counter() - t0
     b1 = {r['runner']: r['median_us'] for r in rows if r['batch'] == 1}
-    vs_eager = b1['Predictor (uint8 in, labels out)'] / b1['torch eager']
-    vs_bare = b1['Predictor (uint8 in, labels out)'] / b1['onnxruntime (bare session)']
+    vs_eager, vs_eager8 = b1[P] / b1['torch eager'], b1[P8] / b1['torch eager']
+    vs_bare, vs_bare8 = b1[P] / b1['onnxruntime (bare session)'], b1[P8] / b1['onnxruntime INT8 (bare session)']
 
     import onnxruntime as ort
     lines = [f'Machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({THREADS} threads), '
@@ -103,16 +112,12 @@ def main():
              f'Model: FashionCNN {model.cfg["channels"]} channels, {sum(p.numel() for p in model.parameters()):,} parameters, {weights}.',
              f'{REPEATS} timed calls per contender at batch 1 (batch b: max(50, {REPEATS} // b)) in {ROUNDS} interleaved rounds, medians; {took:.0f} s in all.',
              '', latency_markdown(rows), '',
-             f'Batch 1: Predictor / torch eager = {vs_eager:.3f} (goal <= 0.25); '
-             f'Predictor / bare session = {vs_bare:.3f} (goal <= 1.2).']
-    table = '\n'.join(lines)
-    print(table)
-    out = Path(__file__).resolve().parent / 'results' / 'inference.md'
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text('# Inference latency\n\n' + table + '\n')
-    print(f'\nwrote {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}')
-    print(f'predictor / bare session: {vs_bare:.2f}')
-    print(f'inference: {vs_eager:.2f}')
+             f'Test accuracy on the {len(y_test):,} Fashion-MNIST test images: Predictor {acc:.2%}, Predictor INT8 {acc8:.2%}.', '',
+             f'Batch 1, Predictor / torch eager (goal <= 0.25): fp32 model {vs_eager:.3f}, INT8 model {vs_eager8:.3f}.',
+             f'Batch 1, Predictor / its bare session (goal <= 1.2): fp32 model {vs_bare:.3f}, INT8 model {vs_bare8:.3f}.']
+    write_results('inference', 'Inference latency', '\n'.join(lines))
+    print(f'predictor / bare session: fp32 {vs_bare:.2f}, INT8 {vs_bare8:.2f}')
+    print(f'inference: {vs_eager8:.2f} (Predictor on the INT8 model / torch eager, batch 1; on the fp32 model: {vs_eager:.2f})')
 
 
 if __name__ == '__main__':

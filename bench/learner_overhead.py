@@ -11,11 +11,12 @@ Prints a Markdown table, writes it to bench/results/learner_overhead.md, and end
 """
 import os, platform, statistics, sys, time
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
+
+from _results import write_results
 
 from bigmodel_nb.data import TensorLoader, image_dataloaders
 from bigmodel_nb.learner import Learner, digits_cnn
@@ -110,12 +111,7 @@ def main():
     lines += [f'| {n} | {v:.1f} |' for n, v in best.items()]
     lines += [f'| Learner − seed loop | {best["Learner"] - best[seed_name]:+.1f} |']
 
-    table = '\n'.join(lines)
-    print(table)
-    out = Path(__file__).resolve().parent / 'results' / 'learner_overhead.md'
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text('# Learner overhead\n\n' + table + '\n')
-    print(f'\nwrote {out}')
+    write_results('learner_overhead', 'Learner overhead', '\n'.join(lines))
     print(f'learner_overhead: {paired["Learner"]:.2f}')
 
 

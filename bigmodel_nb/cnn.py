@@ -6,7 +6,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/cnn.html.md"""
 
 # %% auto #0
 __all__ = ['CNN_DEFAULTS', 'CNN_ARCH_KEYS', 'conv_out_size', 'pad2d', 'im2col', 'conv2d', 'check_against', 'max_pool2d',
-           'avg_pool2d', 'Conv2d', 'MaxPool2d', 'AvgPool2d', 'time_call', 'Net', 'LeNet', 'show_images',
+           'avg_pool2d', 'Conv2d', 'MaxPool2d', 'AvgPool2d', 'time_calls', 'time_call', 'Net', 'LeNet', 'show_images',
            'eval_accuracy', 'train_measured', 'results_table', 'seed_recipe', 'cnn_config', 'ConvBN', 'FashionCNN',
            'TimeBudget', 'train_fashion_cnn', 'show_filters', 'feature_maps', 'show_feature_maps', 'top_mistakes',
            'cnn_path', 'save_cnn', 'load_cnn', 'get_trained_cnn', 'seed_cifar10']
@@ -161,14 +161,19 @@ class AvgPool2d(nn.Module):
     def forward(self, x): return avg_pool2d(x, self.kernel_size, self.stride, self.padding)
 
 # %% ../nbs/03_cnn.ipynb #3a8d3cec
-def time_call(f, # function of no arguments
-              n:int=20, # timed calls
-              warmup:int=3) -> float: # untimed calls first
-    "Median wall time of `f()` in seconds"
+def time_calls(f, # function of no arguments
+               repeats:int=20, # timed calls
+               warmup:int=3) -> list: # untimed calls first
+    "Wall time in seconds of each of `repeats` calls `f()`, after `warmup` untimed calls"
+    if repeats < 1: raise ValueError(f"time_calls: repeats must be at least 1, got {repeats}")
     for _ in range(warmup): f()
     ts = []
-    for _ in range(n): t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
+    for _ in range(repeats): t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+    return ts
+
+def time_call(f, repeats:int=20, warmup:int=3) -> float:
+    "Median wall time of `f()` in seconds (see `time_calls`)"
+    ts = sorted(time_calls(f, repeats, warmup)); return ts[len(ts) // 2]
 
 # %% ../nbs/03_cnn.ipynb #3fef967e
 class Net(nn.Module):
@@ -226,7 +231,7 @@ class LeNet(nn.Module):
         return self.fc3(x)
 
 # %% ../nbs/03_cnn.ipynb #ddf1f339
-from .concepts import count_parameters, machine_info
+from .concepts import count_parameters, machine_info, forward_flops
 
 # %% ../nbs/03_cnn.ipynb #ce24ac79
 from .data import image_dataloaders, TensorLoader, RandomCropFlip, cache_dir
@@ -314,12 +319,13 @@ def seed_recipe(model:nn.Module, # e.g. `LeNet(1, 28)` or the seed's `Net()`
                           sched=None, progress=progress, threads=threads)
 
 # %% ../nbs/03_cnn.ipynb #8ddfd595
-CNN_DEFAULTS = dict(c_in=1, size=28, n_classes=10,           # images and classes
-                    channels=[32, 64, 128], convs=[1, 2, 2], # channels and 3×3 convolutions of each stage
-                    epochs=5, batch_size=128, lr=5e-3, weight_decay=5e-4, label_smoothing=0.1,
-                    flip=True, crop_padding=0, seed=0,        # the training recipe
-                    time_budget=None)                         # seconds: pace the one-cycle by wall time, `epochs` at most
-CNN_ARCH_KEYS = ('c_in', 'size', 'n_classes', 'channels', 'convs')
+CNN_DEFAULTS = dict(c_in=1, size=28, n_classes=10,            # images and classes
+                    channels=[32, 64, 128], convs=[1, 1, 1],  # channels and 3×3 convolutions of each stage
+                    hidden=256, dropout=0.2,                  # the classifier head (hidden=0: one linear layer)
+                    epochs=7, batch_size=128, lr=5e-3, weight_decay=5e-4, label_smoothing=0.1,
+                    flip=True, crop_padding=0, seed=0,         # the training recipe
+                    time_budget=285)                           # seconds at most: the schedule stretches over them on slow machines (None: epochs only)
+CNN_ARCH_KEYS = ('c_in', 'size', 'n_classes', 'channels', 'convs', 'hidden', 'dropout')
 
 def cnn_config(**kwargs) -> dict: # overrides of `CNN_DEFAULTS`
     "The strong CNN's architecture and training recipe: `CNN_DEFAULTS` updated with `kwargs`"
@@ -341,7 +347,7 @@ class ConvBN(nn.Sequential):
                          [nn.BatchNorm2d(co), nn.ReLU(inplace=True)])
 
 class FashionCNN(nn.Sequential):
-    "Small VGG-style CNN built from `cnn_config()`: stages of `ConvBN`, each halving the size; flatten; linear"
+    "Small VGG-style CNN built from `cnn_config()`: stages of `ConvBN`, each halving the size; flatten; a hidden layer; linear"
     def __init__(self, cfg:dict=None): # from `cnn_config`; defaults to `cnn_config()`
         cfg = cnn_config(**(cfg or {}))
         layers,ci,s = [],cfg['c_in'],cfg['size']
@@ -349,7 +355,10 @@ class FashionCNN(nn.Sequential):
             for k in range(n): layers.append(ConvBN(ci, c, pool=k == n-1)); ci = c
             s //= 2
         if s < 1: raise ValueError(f"FashionCNN: {cfg['size']}×{cfg['size']} images are too small for {len(cfg['channels'])} poolings")
-        super().__init__(*layers, nn.Flatten(), nn.Linear(ci * s * s, cfg['n_classes']))
+        n_in,h = ci * s * s,cfg['hidden']
+        head = ([nn.Linear(n_in, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Dropout(cfg['dropout']),
+                 nn.Linear(h, cfg['n_classes'])] if h else [nn.Linear(n_in, cfg['n_classes'])])
+        super().__init__(*layers, nn.Flatten(), *head)
         self.cfg = cfg
 
     def forward(self, x):
@@ -358,13 +367,13 @@ class FashionCNN(nn.Sequential):
 
 # %% ../nbs/03_cnn.ipynb #f9eff746
 class TimeBudget(Callback):
-    "Pace `Learner.fit` by wall time: the one-cycle schedule runs over `seconds`, then the fit stops"
+    "Pace `Learner.fit` by wall time too: the one-cycle follows the steps or the clock, whichever is further; the fit stops at `seconds`"
     order = -20
     def __init__(self, seconds:float): self.seconds = seconds # training time allowed
     def before_fit(self): self.t0 = time.perf_counter()
     def progress(self) -> float: return min((time.perf_counter() - self.t0) / self.seconds, 1.)
     def sched(self, step, total, lr_max): # use as `fit(..., sched=cb.sched)`
-        return sched_one_cycle(min(int(self.progress() * (total - 1)), total - 1), total, lr_max)
+        return sched_one_cycle(min(max(step, int(self.progress() * (total - 1))), total - 1), total, lr_max)
     def after_batch(self):
         if self.learn.training and self.progress() >= 1: raise CancelFitException()
 
@@ -373,15 +382,17 @@ def train_fashion_cnn(cfg:dict=None, # from `cnn_config`; defaults to `cnn_confi
                       dls=None, # Fashion-MNIST `DataLoaders`; defaults to all 60,000 training images
                       limit:int=None, # train on a stratified subset of this many images (when `dls` is None)
                       progress:bool=True, # progress bar and epoch table
-                      name:str="3. strong CNN, BatchNorm, AdamW one-cycle, flips"):
-    "Train a `FashionCNN` with its recipe; returns the trained model (in eval mode) and its results row"
+                      name:str="3. strong CNN, BatchNorm, AdamW one-cycle, flips",
+                      return_learner:bool=False): # also return the `Learner` (its `recorder` holds the losses)
+    "Train a `FashionCNN` with its recipe; returns the trained model (in eval mode) and its results row (and the learner)"
     from functools import partial
     cfg = cnn_config(**(cfg or {}))
     torch.manual_seed(cfg['seed'])
     if dls is None: dls = image_dataloaders('fashion_mnist', batch_size=cfg['batch_size'], valid_pct=0.0, seed=cfg['seed'],
                                             limit=limit, verbose=progress)
     aug = RandomCropFlip(padding=cfg['crop_padding'], flip=cfg['flip'], seed=cfg['seed']) if cfg['flip'] or cfg['crop_padding'] else None
-    train = TensorLoader(dls.train.x, dls.train.y, cfg['batch_size'], shuffle=True, seed=cfg['seed'], transform=aug)
+    # drop_last: a last batch of one image would break BatchNorm (and a tiny one adds noise); shuffling rotates who waits
+    train = TensorLoader(dls.train.x, dls.train.y, cfg['batch_size'], shuffle=True, seed=cfg['seed'], transform=aug, drop_last=True)
     data = type(dls)(train, None, dls.test, classes=dls.classes, mean=dls.mean, std=dls.std)
     model = FashionCNN(cfg).to(memory_format=torch.channels_last)
     tb = TimeBudget(cfg['time_budget']) if cfg['time_budget'] else None
@@ -391,7 +402,7 @@ def train_fashion_cnn(cfg:dict=None, # from `cnn_config`; defaults to `cnn_confi
                                loss_func=partial(F.cross_entropy, label_smoothing=cfg['label_smoothing']))
     if tb is not None: row['epochs'] = round(learn.train_iter / len(train), 2)
     model = model.to(memory_format=torch.contiguous_format).cpu().eval()
-    return model,row
+    return (model,row,learn) if return_learner else (model,row)
 
 # %% ../nbs/03_cnn.ipynb #34e3d095
 def show_filters(weight:torch.Tensor, # convolution weight (C_out, C_in, kh, kw); channels are averaged when C_in ≠ 1, 3

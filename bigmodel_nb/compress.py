@@ -21,6 +21,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from .concepts import human_bytes
+from .cnn import time_calls
 from .data import DataLoaders, TensorLoader
 from .learner import Learner, accuracy
 
@@ -59,17 +60,12 @@ def timings(fn, # called as `fn(x)`
             warmup:int=3, # untimed calls first
             repeats:int=20, # timed calls
             threads:int=2) -> list: # torch intra-op threads while timing (ONNX Runtime sets its own in the session)
-    "Wall-clock milliseconds of each of `repeats` calls `fn(x)`, after `warmup` calls, with `threads` torch threads"
-    if repeats < 1: raise ValueError(f"repeats must be at least 1, got {repeats}")
+    "Wall-clock milliseconds of each of `repeats` calls `fn(x)` (the CNN chapter's `time_calls`) under `inference_mode`, with `threads` torch threads"
     old = torch.get_num_threads(); torch.set_num_threads(threads)
     try:
-        with torch.inference_mode():
-            for _ in range(warmup): fn(x)
-            ts = []
-            for _ in range(repeats):
-                t0 = time.perf_counter(); fn(x); ts.append((time.perf_counter() - t0) * 1e3)
+        with torch.inference_mode(): ts = time_calls(lambda: fn(x), repeats, warmup)
     finally: torch.set_num_threads(old)
-    return ts
+    return [t * 1e3 for t in ts]
 
 def latency(fn, x, warmup:int=3, repeats:int=20, threads:int=2) -> float:
     "Median milliseconds of `fn(x)` (see `timings`)"

