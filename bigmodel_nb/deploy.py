@@ -112,9 +112,10 @@ class Predictor:
     def __init__(self, onnx_model, # an `.onnx` path, or the model's bytes
                  config:dict, # `preprocessing` (input_shape, pixel_scale, mean, std) and `labels`, as `image_config` makes
                  threads:int|None=None, # intra-op threads (see `ort_session`)
-                 providers=None): # ONNX Runtime providers (see `ort_providers`)
+                 providers=None, # ONNX Runtime providers (see `ort_providers`)
+                 spin:bool=True): # idle intra-op threads busy-wait between runs (ONNX Runtime's default): lower latency, busier cores
         proto = onnx.load_from_string(onnx_model) if isinstance(onnx_model, bytes) else onnx.load(str(onnx_model))
-        self.session = ort_session(with_softmax(proto).SerializeToString(), threads, providers)
+        self.session = ort_session(with_softmax(proto).SerializeToString(), threads, providers, spin=spin)
         self.config, self.labels = config, list(config['labels'])
         outs = self.session.get_outputs()
         self.in_name, self.out_name, self.prob_name = self.session.get_inputs()[0].name, outs[0].name, outs[-1].name
@@ -385,6 +386,7 @@ def load_package(folder, # a folder written by `save_package`
                  threads:int|None=None, # intra-op threads (see `ort_session`)
                  providers=None, # ONNX Runtime providers (see `ort_providers`)
                  int8:bool=False, # serve `model.int8.onnx` (the package must have one: `save_package(..., calib=...)`)
+                 spin:bool=True, # idle intra-op threads busy-wait between runs (see `Predictor`)
                 ) -> Predictor:
     "Verify every checksum of a package, then return a `Predictor` built from exactly the bytes that were checked."
     files, man = _read_verified(folder)
@@ -393,7 +395,7 @@ def load_package(folder, # a folder written by `save_package`
     if int8 and PACKAGE_INT8 not in files:
         raise PackageError(f"{folder}: no {PACKAGE_INT8} in this package; load it with int8=False, or re-create it with "
                            "`save_package(..., calib=training_batches)`")
-    p = Predictor(files[PACKAGE_INT8 if int8 else 'model.onnx'], config, threads, providers)
+    p = Predictor(files[PACKAGE_INT8 if int8 else 'model.onnx'], config, threads, providers, spin)
     p.folder, p.manifest, p.card = Path(folder), man, files['README.md'].decode()
     return p
 

@@ -36,6 +36,17 @@ def test_quick_lifecycle_writes_a_measured_report(quick_run):
     assert set(load_file(run_dir/'model.safetensors')), 'no tensors in the saved weights'
 
 
+def test_quick_lifecycle_ships_a_checked_package_with_int8(quick_run):
+    _, run_dir = quick_run
+    m = json.loads((run_dir/'metrics.json').read_text())['results']
+    assert (run_dir/'training.png').is_file() and '![curves](training.png)' in (run_dir/'report.md').read_text()
+    pkg = m['package']
+    assert pkg['files'] == 5 and (run_dir/'package'/'model.int8.onnx').is_file()
+    assert pkg['predictor_agreement'] == 1.0, 'the fp32 package must predict exactly what torch predicts'
+    assert pkg['predictor_acc'] == pytest.approx(m['evaluate']['test_acc'])
+    assert pkg['int8_agreement'] >= 0.95 and abs(pkg['int8_predictor_acc'] - pkg['predictor_acc']) <= 0.02
+
+
 def test_info_names_the_data_sources():
     res = run('info', timeout=300)
     assert res.returncode == 0, res.stderr
