@@ -169,15 +169,16 @@ def flops_by_module(model:nn.Module, # the model
         if isinstance(m, (nn.Linear, *_CONVS, nn.MultiheadAttention)):
             handles += [m.register_forward_pre_hook(pre, with_kwargs=True),
                         m.register_forward_hook(post, with_kwargs=True)]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
+    fastpath, was_training = torch.backends.mha.get_fastpath_enabled(), model.training
     torch.backends.mha.set_fastpath_enabled(False)  # the fused fast path would skip the hooks
+    model.eval()  # counting must not update BatchNorm statistics (nor fail on a batch of one); the FLOPs are the same
     try:
         with torch.no_grad(): model(x, *args, **kwargs)
     except RuntimeError as e:
         raise ValueError(f"{type(model).__name__} could not run on an input of shape {tuple(x.shape)}: {e}. "
                          "Pass a batch (or the shape of a batch) that the model accepts, batch dimension first.") from e
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+        torch.backends.mha.set_fastpath_enabled(fastpath); model.train(was_training)
         for h in handles: h.remove()
     return flops
 
