@@ -1,14 +1,19 @@
 """Write README.md from nbs/index.ipynb (nbconvert; Quarto is not available), with chapter links pointing into nbs/.
 `python scripts/readme.py --check` exits 1 when README.md is stale."""
-import re, subprocess, sys
+import re, sys
 from pathlib import Path
+
+import nbformat
+from nbconvert import MarkdownExporter
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def render() -> str:
-    md = subprocess.run(['jupyter', 'nbconvert', '--to', 'markdown', '--log-level', 'WARN', '--stdout',
-                         str(ROOT/'nbs'/'index.ipynb')], capture_output=True, text=True, check=True).stdout
+    nb = nbformat.read(ROOT/'nbs'/'index.ipynb', as_version=4)
+    # `nbdev-clean` drops the kernel's language_info; without it the code fences lose their `python` tag
+    nb.metadata.setdefault('language_info', {'name': 'python'})
+    md, _ = MarkdownExporter().from_notebook_node(nb)
     return re.sub(r'\]\((\d\d_\w+\.ipynb)\)', r'](nbs/\1)', md)
 
 
