@@ -231,7 +231,7 @@ class LeNet(nn.Module):
         return self.fc3(x)
 
 # %% ../nbs/03_cnn.ipynb #ddf1f339
-from .concepts import count_parameters, machine_info, forward_flops
+from .concepts import count_parameters, machine_info
 
 # %% ../nbs/03_cnn.ipynb #ce24ac79
 from .data import image_dataloaders, TensorLoader, RandomCropFlip, cache_dir
