@@ -18,8 +18,11 @@ The ONNX Runtime sessions come from `ort_session` (same threads as torch). The w
 trained CNN when its file is in the cache, else random ones: latency depends on the architecture, not on the weights.
 
 Goals at batch 1: Predictor / torch eager <= 0.25, and Predictor / bare session <= 1.2 (the wrapper adds almost
-nothing). Prints a Markdown table, writes it to bench/results/inference.md, and ends with `inference: RATIO`
-(the Predictor on the package's default fp32 model / torch eager at batch 1, medians).
+nothing). In one process the two runtimes' thread pools share the cores and disturb each other (ONNX Runtime's
+spinning threads tax torch, and torch's tax ONNX Runtime), so the goal's three contenders are also timed each
+alone: a fresh process per measurement, taking turns, `BENCH_ALONE_ROUNDS` (3) times each; the goal ratios are
+the medians of those. Prints the Markdown tables, writes them to bench/results/inference.md, and ends with
+`inference: RATIO` (the Predictor on the package's default fp32 model / torch eager at batch 1, each alone).
 """
 import os, platform, sys, tempfile, time
 from pathlib import Path
@@ -46,6 +49,41 @@ def cpu_name():
     except (OSError, StopIteration): return platform.processor() or platform.machine()
 
 
+ALONE_ROUNDS = int(os.environ.get('BENCH_ALONE_ROUNDS', 3))  # alternating single-contender processes per contender
+
+
+def alone(name, folder):
+    "Worker: time one contender at batch 1 in this process, with nothing else loaded; print its median in µs."
+    import statistics
+    from bigmodel_nb.cnn import time_calls
+    torch.set_num_threads(THREADS)
+    folder = Path(folder)
+    if name == 'torch eager':
+        model, x = load_cnn(folder / 'cnn.safetensors'), torch.from_numpy(np.load(folder / 'x_norm.npy'))
+        def f():
+            with torch.inference_mode(): model(x)
+    elif name == 'onnxruntime (bare session)':
+        s = ort_session(folder / 'cnn.onnx', THREADS, spin=True)
+        feed, out = {s.get_inputs()[0].name: np.load(folder / 'x_norm.npy')}, [s.get_outputs()[0].name]
+        f = lambda: s.run(out, feed)
+    else:
+        import json
+        pred, x = Predictor(folder / 'cnn.onnx', json.loads((folder / 'config.json').read_text()), threads=THREADS), np.load(folder / 'x_raw.npy')
+        f = lambda: pred(x)
+    print(f'{statistics.median(time_calls(f, REPEATS, 200)) * 1e6:.2f}')
+
+
+def alone_rounds(names, folder):
+    "Run each contender alone in a fresh process, `ALONE_ROUNDS` times, the order rotating: {name: [median µs]}."
+    import subprocess
+    out = {n: [] for n in names}
+    for r in range(ALONE_ROUNDS):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            res = subprocess.run([sys.executable, __file__, '--alone', n, str(folder)], capture_output=True, text=True, check=True)
+            out[n].append(float(res.stdout.strip().splitlines()[-1]))
+    return out
+
+
 def main():
     torch.set_num_threads(THREADS)
     path = cnn_path(quick=False) if cnn_path(quick=False).is_file() else cnn_path(quick=True)
@@ -62,6 +100,10 @@ def main():
 
     tmp = Path(tempfile.mkdtemp(prefix='bench-inference-'))
     onnx_path = export_onnx(model, x_norm[:1], tmp / 'cnn.onnx')
+    import json
+    from bigmodel_nb.cnn import save_cnn
+    save_cnn(model, tmp / 'cnn.safetensors'); (tmp / 'config.json').write_text(json.dumps(config))
+    np.save(tmp / 'x_norm.npy', x_norm[:1].numpy()); np.save(tmp / 'x_raw.npy', x_raw[:1])
     calib = [normalize(ds.x_train[i:i + 16], mean, std) for i in range(0, 160, 16)]  # 10 real training batches
     int8_path = ort_quantize_static(onnx_path, tmp / 'cnn.int8.onnx', calib)
     sess, int8 = ort_session(onnx_path, THREADS, spin=True), ort_session(int8_path, THREADS, spin=True)
@@ -118,6 +160,11 @@ def main():
     vs_eager, vs_bare = goal[P] / goal['torch eager'], goal[P] / goal['onnxruntime (bare session)']
     vs_eager8, vs_bare8 = b1[P8] / b1['torch eager'], b1[P8] / b1['onnxruntime INT8 (bare session)']
 
+    names = ['torch eager', 'onnxruntime (bare session)', P]
+    alone_res = alone_rounds(names, tmp)
+    alone_med = {n: float(np.median(v)) for n, v in alone_res.items()}
+    a_eager, a_bare = alone_med[P] / alone_med['torch eager'], alone_med[P] / alone_med['onnxruntime (bare session)']
+
     import onnxruntime as ort
     lines = [f'Machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({THREADS} threads), '
              f'onnxruntime {ort.__version__} ({THREADS} intra-op threads), Python {platform.python_version()}',
@@ -126,13 +173,23 @@ def main():
              f'the groups are timed one after the other (group 1: the goal); {took:.0f} s in all.',
              '', *[t + '\n' for t in tables],
              f'Test accuracy on the {len(y_test):,} Fashion-MNIST test images: Predictor {acc:.2%}, Predictor INT8 {acc8:.2%}.', '',
-             f'Batch 1, Predictor / torch eager (goal <= 0.25): fp32 model {vs_eager:.3f}, INT8 model {vs_eager8:.3f}.',
-             f'Batch 1, Predictor / its bare session (goal <= 1.2): fp32 model {vs_bare:.3f}, INT8 model {vs_bare8:.3f}.']
+             f'In one process, batch 1: Predictor / torch eager = {vs_eager:.3f} (INT8 model {vs_eager8:.3f}); '
+             f'Predictor / its bare session = {vs_bare:.3f} (INT8 model {vs_bare8:.3f}).', '',
+             'Each contender alone (batch 1, fp32 model): a fresh process per measurement, with nothing else loaded, the '
+             f'three taking turns, {ALONE_ROUNDS} times each; medians of {REPEATS} calls after 200 warm-up calls. In one process '
+             'the two runtimes\' thread pools share two cores and disturb each other (torch eager\'s batch-1 median moved '
+             'between 0.6 and 1.4 ms from run to run above); alone, each has the cores a server would give it.', '',
+             '| runner | medians of the runs (µs) | median (µs) | / torch eager |', '|---|---|---|---|',
+             *[f'| {n} | {", ".join(f"{v:,.1f}" for v in vs)} | {alone_med[n]:,.1f} | {alone_med[n] / alone_med["torch eager"]:.3f} |'
+               for n, vs in alone_res.items()], '',
+             f'**Goals, batch 1, each alone: Predictor / torch eager = {a_eager:.3f} (goal <= 0.25); '
+             f'Predictor / bare session = {a_bare:.3f} (goal <= 1.2).**']
     write_results('inference', 'Inference latency', '\n'.join(lines))
-    print(f'predictor / bare session: fp32 {vs_bare:.2f}, INT8 {vs_bare8:.2f}')
-    print(f'Predictor on the INT8 model / torch eager at batch 1: {vs_eager8:.2f}')
-    print(f'inference: {vs_eager:.2f}')
+    print(f'in one process: predictor / torch eager {vs_eager:.2f}, predictor / bare session {vs_bare:.2f}')
+    print(f'predictor / bare session: {a_bare:.2f}')
+    print(f'inference: {a_eager:.2f}')
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    if len(sys.argv) == 4 and sys.argv[1] == '--alone': alone(sys.argv[2], sys.argv[3])
+    else: sys.exit(main())
