@@ -6,7 +6,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/training.html.md"""
 
 # %% ../nbs/02_training.ipynb #4c3011b2
 from __future__ import annotations
-import contextlib, json, math, os, random, re, tempfile, time
+import contextlib, json, math, os, random, re, sys, tempfile, time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import patch
+from fastprogress import fastprogress
 from fastprogress.fastprogress import master_bar, progress_bar
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -399,7 +400,9 @@ class ProgressCB(Callback):
 
     def _bar(self):
         dl = self.learn.dl
-        if hasattr(dl, '__len__'): self.learn.dl = progress_bar(dl, parent=self.mbar, leave=False)
+        # a batch bar redraws itself with carriage returns: in a notebook or a terminal; in a log file only the table
+        if hasattr(dl, '__len__') and (fastprogress.IN_NOTEBOOK or sys.stdout.isatty()):
+            self.learn.dl = progress_bar(dl, parent=self.mbar, leave=False)
 
     def before_train(self): self._bar()
     def before_validate(self): self._bar()
