@@ -52,24 +52,36 @@ def cpu_name():
 ALONE_ROUNDS = int(os.environ.get('BENCH_ALONE_ROUNDS', 3))  # alternating single-contender processes per contender
 
 
+def eager_call(m, x):
+    "One torch eager inference of the batch `x` (normalized floats), as a function of no arguments."
+    def f():
+        with torch.inference_mode(): m(x)
+    return f
+
+
+def bare_call(s, x):
+    "One bare `InferenceSession.run` on `x` (normalized floats), as a function of no arguments."
+    feed, out = {s.get_inputs()[0].name: np.ascontiguousarray(x)}, [s.get_outputs()[0].name]
+    return lambda: s.run(out, feed)
+
+
+def predictor_call(p, x):
+    "One `Predictor` call on `x` (raw uint8 images), as a function of no arguments."
+    return lambda: p(x)
+
+
 def alone(name, folder):
     "Worker: time one contender at batch 1 in this process, with nothing else loaded; print its median in µs."
     import statistics
     from bigmodel_nb.cnn import time_calls
     torch.set_num_threads(THREADS)
     folder = Path(folder)
-    if name == 'torch eager':
-        model, x = load_cnn(folder / 'cnn.safetensors'), torch.from_numpy(np.load(folder / 'x_norm.npy'))
-        def f():
-            with torch.inference_mode(): model(x)
-    elif name == 'onnxruntime (bare session)':
-        s = ort_session(folder / 'cnn.onnx', THREADS, spin=True)
-        feed, out = {s.get_inputs()[0].name: np.load(folder / 'x_norm.npy')}, [s.get_outputs()[0].name]
-        f = lambda: s.run(out, feed)
+    if name == 'torch eager': f = eager_call(load_cnn(folder / 'cnn.safetensors'), torch.from_numpy(np.load(folder / 'x_norm.npy')))
+    elif name == 'onnxruntime (bare session)': f = bare_call(ort_session(folder / 'cnn.onnx', THREADS, spin=True), np.load(folder / 'x_norm.npy'))
     else:
         import json
-        pred, x = Predictor(folder / 'cnn.onnx', json.loads((folder / 'config.json').read_text()), threads=THREADS), np.load(folder / 'x_raw.npy')
-        f = lambda: pred(x)
+        pred = Predictor(folder / 'cnn.onnx', json.loads((folder / 'config.json').read_text()), threads=THREADS)
+        f = predictor_call(pred, np.load(folder / 'x_raw.npy'))
     print(f'{statistics.median(time_calls(f, REPEATS, 200)) * 1e6:.2f}')
 
 
@@ -113,25 +125,9 @@ def main():
     y_test = ds.y_test.numpy()
     acc, acc8 = (float((p(ds.x_test.numpy()).labels == y_test).mean()) for p in (pred, pred8))
 
-    def eager(m):
-        def make(bs):
-            x = x_norm[:bs].clone()
-            def f():
-                with torch.inference_mode(): m(x)
-            return f
-        return make
-
-    def bare(s):
-        def make(bs):
-            feed, out = {s.get_inputs()[0].name: np.ascontiguousarray(x_norm[:bs].numpy())}, [s.get_outputs()[0].name]
-            return lambda: s.run(out, feed)
-        return make
-
-    def predictor(p):
-        def make(bs):
-            x = x_raw[:bs].copy()
-            return lambda: p(x)
-        return make
+    eager = lambda m: lambda bs: eager_call(m, x_norm[:bs].clone())
+    bare = lambda s: lambda bs: bare_call(s, x_norm[:bs].numpy())
+    predictor = lambda p: lambda bs: predictor_call(p, x_raw[:bs].copy())
 
     P, P8 = 'Predictor (uint8 in, labels out)', 'Predictor INT8 (uint8 in, labels out)'
     # Two groups, each timed on its own: a session's spinning threads keep a core busy for a moment after its
