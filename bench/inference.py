@@ -7,8 +7,8 @@ The contenders:
 - onnxruntime (bare): `InferenceSession.run([output], {input: x})` on the same normalized float batch (no preprocessing),
   its idle threads spinning as the Predictor's do (ONNX Runtime's default), and once more without spinning
   (`ort_session`'s default, for processes that share their cores with torch);
-- Predictor: `bigmodel_nb.deploy.Predictor` on raw uint8 images, as a user sends them: input checks, normalization
-  from the config, the session run, softmax (in the graph) and labels with names;
+- Predictor: `bigmodel_nb.deploy.Predictor` on raw uint8 images, as a user sends them: input checks, the session
+  run (its graph normalizes the pixels as the config says, and adds softmax and argmax), and the label names;
 - onnxruntime INT8 (static QDQ, from the compression chapter, calibrated on 10 training batches), bare;
 - Predictor INT8: the same `Predictor` on that INT8 model, as `load_package(..., int8=True)` serves it (the package
   ships both models); its test accuracy is measured here too, next to the fp32 model's;
@@ -20,8 +20,10 @@ trained CNN when its file is in the cache, else random ones: latency depends on 
 Goals at batch 1: Predictor / torch eager <= 0.25, and Predictor / bare session <= 1.2 (the wrapper adds almost
 nothing). In one process the two runtimes' thread pools share the cores and disturb each other (ONNX Runtime's
 spinning threads tax torch, and torch's tax ONNX Runtime), so the goal's three contenders are also timed each
-alone: a fresh process per measurement, taking turns, `BENCH_ALONE_ROUNDS` (3) times each; the goal ratios are
-the medians of those. Prints the Markdown tables, writes them to bench/results/inference.md, and ends with
+alone: one process per contender, the three taking turns of `BENCH_TURN_CALLS` (200) calls, `BENCH_TURNS` (40)
+times each, while the other two wait idle (`take_turns`); the goal ratios are the ratios of the medians of those
+turns. Short turns matter on a shared host: its slow spells last seconds and would otherwise fall on one
+contender's whole measurement. Prints the Markdown tables, writes them to bench/results/inference.md, and ends with
 `inference: RATIO` (the Predictor on the package's default fp32 model / torch eager at batch 1, each alone).
 """
 import os, platform, sys, tempfile, time
@@ -49,7 +51,10 @@ def cpu_name():
     except (OSError, StopIteration): return platform.processor() or platform.machine()
 
 
-ALONE_ROUNDS = int(os.environ.get('BENCH_ALONE_ROUNDS', 3))  # alternating single-contender processes per contender
+TURNS = int(os.environ.get('BENCH_TURNS', 40))          # turns per contender in the each-alone timing
+TURN_CALLS = int(os.environ.get('BENCH_TURN_CALLS', 300))  # timed calls per turn
+TURN_WARMUP = 100  # untimed calls first in each turn: cores that sat idle between turns take a moment to come back to speed
+PAUSE = 0.01  # seconds between turns: the last worker's spinning threads (torch's OpenMP, ONNX Runtime's pool) go idle
 
 
 def eager_call(m, x):
@@ -70,30 +75,47 @@ def predictor_call(p, x):
     return lambda: p(x)
 
 
-def alone(name, folder):
-    "Worker: time one contender at batch 1 in this process, with nothing else loaded; print its median in µs."
-    import statistics
+def worker(name, folder):
+    "A process that holds one contender at batch 1 and nothing else: on each line `n` from stdin, time n calls, print the median µs."
+    import json, statistics
     from bigmodel_nb.cnn import time_calls
     torch.set_num_threads(THREADS)
     folder = Path(folder)
     if name == 'torch eager': f = eager_call(load_cnn(folder / 'cnn.safetensors'), torch.from_numpy(np.load(folder / 'x_norm.npy')))
     elif name == 'onnxruntime (bare session)': f = bare_call(ort_session(folder / 'cnn.onnx', THREADS, spin=True), np.load(folder / 'x_norm.npy'))
     else:
-        import json
         pred = Predictor(folder / 'cnn.onnx', json.loads((folder / 'config.json').read_text()), threads=THREADS)
         f = predictor_call(pred, np.load(folder / 'x_raw.npy'))
-    print(f'{statistics.median(time_calls(f, REPEATS, 200)) * 1e6:.2f}')
+    time_calls(f, 1, 300)
+    print('ready', flush=True)
+    for line in sys.stdin:
+        print(f'{statistics.median(time_calls(f, int(line), TURN_WARMUP)) * 1e6:.2f}', flush=True)
 
 
-def alone_rounds(names, folder):
-    "Run each contender alone in a fresh process, `ALONE_ROUNDS` times, the order rotating: {name: [median µs]}."
+def take_turns(names, folder):
+    """Each contender alone in its own process, the processes taking turns: {name: [median µs of each turn]}.
+
+    One process per contender, all started first; then, `TURNS` times, each in turn times `TURN_CALLS` calls while the
+    others wait on a pipe, idle. Only one runtime works at a time, so none taxes another, and the turns are short
+    (tenths of a second), so a slow spell of the machine (other tenants of the host) falls on every contender alike.
+    """
     import subprocess
-    out = {n: [] for n in names}
-    for r in range(ALONE_ROUNDS):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            res = subprocess.run([sys.executable, __file__, '--alone', n, str(folder)], capture_output=True, text=True, check=True)
-            out[n].append(float(res.stdout.strip().splitlines()[-1]))
-    return out
+    procs = {n: subprocess.Popen([sys.executable, __file__, '--worker', n, str(folder)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True) for n in names}
+    try:
+        for n, p in procs.items():
+            if p.stdout.readline().strip() != 'ready': raise RuntimeError(f'worker {n!r} did not start (see its error above)')
+        out = {n: [] for n in names}
+        for t in range(TURNS):
+            k = t % len(names)
+            for n in names[k:] + names[:k]:
+                time.sleep(PAUSE)
+                procs[n].stdin.write(f'{TURN_CALLS}\n'); procs[n].stdin.flush()
+                out[n].append(float(procs[n].stdout.readline()))
+        return out
+    finally:
+        for p in procs.values():
+            p.stdin.close(); p.wait(timeout=60)
 
 
 def main():
@@ -157,9 +179,12 @@ def main():
     vs_eager8, vs_bare8 = b1[P8] / b1['torch eager'], b1[P8] / b1['onnxruntime INT8 (bare session)']
 
     names = ['torch eager', 'onnxruntime (bare session)', P]
-    alone_res = alone_rounds(names, tmp)
-    alone_med = {n: float(np.median(v)) for n, v in alone_res.items()}
+    t1 = time.perf_counter()
+    turns = take_turns(names, tmp)
+    took_turns = time.perf_counter() - t1
+    alone_med = {n: float(np.median(v)) for n, v in turns.items()}
     a_eager, a_bare = alone_med[P] / alone_med['torch eager'], alone_med[P] / alone_med['onnxruntime (bare session)']
+    per_turn = {b: np.array(turns[P]) / np.array(turns[b]) for b in names[:2]}  # the ratio within each round of turns
 
     import onnxruntime as ort
     lines = [f'Machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({THREADS} threads), '
@@ -171,13 +196,18 @@ def main():
              f'Test accuracy on the {len(y_test):,} Fashion-MNIST test images: Predictor {acc:.2%}, Predictor INT8 {acc8:.2%}.', '',
              f'In one process, batch 1: Predictor / torch eager = {vs_eager:.3f} (INT8 model {vs_eager8:.3f}); '
              f'Predictor / its bare session = {vs_bare:.3f} (INT8 model {vs_bare8:.3f}).', '',
-             'Each contender alone (batch 1, fp32 model): a fresh process per measurement, with nothing else loaded, the '
-             f'three taking turns, {ALONE_ROUNDS} times each; medians of {REPEATS} calls after 200 warm-up calls. In one process '
-             'the two runtimes\' thread pools share two cores and disturb each other (torch eager\'s batch-1 median moved '
-             'between 0.6 and 1.4 ms from run to run above); alone, each has the cores a server would give it.', '',
-             '| runner | medians of the runs (µs) | median (µs) | / torch eager |', '|---|---|---|---|',
-             *[f'| {n} | {", ".join(f"{v:,.1f}" for v in vs)} | {alone_med[n]:,.1f} | {alone_med[n] / alone_med["torch eager"]:.3f} |'
-               for n, vs in alone_res.items()], '',
+             'Each contender alone (batch 1, fp32 model): one process per contender with nothing else loaded, the three '
+             f'taking turns {TURNS} times ({TURN_CALLS} timed calls a turn after {TURN_WARMUP} untimed, {PAUSE * 1000:.0f} ms apart, '
+             f'{took_turns:.0f} s in all), while the other two wait idle. In one process the two runtimes\' thread pools '
+             'share the cores and disturb each other; alone, each has the cores a server would give it, and short turns '
+             'spread the machine\'s slow spells (other tenants of the host) over all three alike.', '',
+             '| runner | median of the turns\' medians (µs) | fastest turn | slowest turn | / torch eager |', '|---|---|---|---|---|',
+             *[f'| {n} | {alone_med[n]:,.1f} | {min(v):,.1f} | {max(v):,.1f} | {alone_med[n] / alone_med["torch eager"]:.3f} |'
+               for n, v in turns.items()], '',
+             f'Predictor / torch eager within each round of turns: median {np.median(per_turn["torch eager"]):.3f}, '
+             f'quartiles {np.percentile(per_turn["torch eager"], 25):.3f}–{np.percentile(per_turn["torch eager"], 75):.3f}; '
+             f'Predictor / bare session: median {np.median(per_turn["onnxruntime (bare session)"]):.3f}, quartiles '
+             f'{np.percentile(per_turn["onnxruntime (bare session)"], 25):.3f}–{np.percentile(per_turn["onnxruntime (bare session)"], 75):.3f}.', '',
              f'**Goals, batch 1, each alone: Predictor / torch eager = {a_eager:.3f} (goal <= 0.25); '
              f'Predictor / bare session = {a_bare:.3f} (goal <= 1.2).**']
     write_results('inference', 'Inference latency', '\n'.join(lines))
@@ -187,5 +217,5 @@ def main():
 
 
 if __name__ == '__main__':
-    if len(sys.argv) == 4 and sys.argv[1] == '--alone': alone(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 4 and sys.argv[1] == '--worker': worker(sys.argv[2], sys.argv[3])
     else: sys.exit(main())

@@ -6,7 +6,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/deployment.html.md"""
 
 # %% ../nbs/08_deployment.ipynb #825e1ba4
 from __future__ import annotations
-import contextlib, hashlib, io, json, os, shutil, tempfile, time
+import contextlib, functools, hashlib, io, json, os, shutil, tempfile, time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 import onnx
+from onnx import numpy_helper
 import onnxruntime as ort
 from fastcore.basics import patch
 from safetensors.torch import save as st_save, load as st_load
@@ -23,9 +24,9 @@ from .compress import ort_quantize_static
 
 # %% auto #0
 __all__ = ['PACKAGE_FORMAT', 'PACKAGE_FILES', 'PACKAGE_INT8', 'onnx_signature', 'parity_check', 'image_config', 'architecture',
-           'build_model', 'with_softmax', 'Prediction', 'Predictor', 'latency_stats', 'compare_latency',
-           'latency_markdown', 'plot_latency', 'model_card', 'PackageError', 'save_package', 'verify_package',
-           'load_package', 'load_package_weights']
+           'build_model', 'with_predictions', 'pixel_affine', 'with_pixel_input', 'Prediction', 'Predictor',
+           'latency_stats', 'compare_latency', 'latency_markdown', 'plot_latency', 'model_card', 'PackageError',
+           'save_package', 'verify_package', 'load_package', 'load_package_weights']
 
 # %% ../nbs/08_deployment.ipynb #1c48b3a2
 from .compress import export_onnx, _as_tuple, _device  # defined in the compression chapter, which exports before it quantizes
@@ -92,13 +93,51 @@ def build_model(arch:dict) -> nn.Module: # from `architecture`
     raise ValueError(f"cannot rebuild architecture {arch}: only FashionCNN is known; build the model yourself and pass it")
 
 # %% ../nbs/08_deployment.ipynb #60fee137
-def with_softmax(model:onnx.ModelProto, # a classifier whose first output is logits (N, classes)
-                 name:str='probabilities', # the new output's name
-                ) -> onnx.ModelProto:
-    "A copy of `model` with one more output: the softmax of its first output, computed in the graph."
+def with_predictions(model:onnx.ModelProto, # a classifier whose first output is logits (N, classes)
+                     probs:str='probabilities', # the softmax output's name
+                     labels:str='labels', # the argmax output's name
+                    ) -> onnx.ModelProto:
+    "A copy of `model` with two more outputs, computed in the graph: the softmax of its logits and their argmax."
     m = onnx.ModelProto(); m.CopyFrom(model)
-    m.graph.node.append(onnx.helper.make_node('Softmax', [m.graph.output[0].name], [name], axis=-1, name='predictor_softmax'))
-    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    logits, g, helper = m.graph.output[0], m.graph, onnx.helper
+    batch = logits.type.tensor_type.shape.dim[0]
+    g.node.extend([helper.make_node('Softmax', [logits.name], [probs], axis=-1, name='predictor_softmax'),
+                   helper.make_node('ArgMax', [logits.name], [labels], axis=-1, keepdims=0, name='predictor_argmax')])
+    prob_info = onnx.ValueInfoProto(); prob_info.CopyFrom(logits); prob_info.name = probs
+    label_info = helper.make_tensor_value_info(labels, onnx.TensorProto.INT64, [None])
+    label_info.type.tensor_type.shape.dim[0].CopyFrom(batch)
+    g.output.extend([prob_info, label_info])
+    return m
+
+def pixel_affine(preprocessing:dict, # pixel_scale, mean and std (one value per channel), as `image_config` writes them
+                ) -> tuple:
+    "`(scale, shift)`, float32 arrays `(C, 1, 1)` such that `pixels * scale + shift` is the model's normalized input."
+    mean, std = np.asarray(preprocessing['mean'], np.float64), np.asarray(preprocessing['std'], np.float64)
+    C = preprocessing['input_shape'][0]
+    if mean.shape != (C,) or std.shape != (C,) or not (std > 0).all():
+        raise ValueError(f"config: mean and std need {C} values (one per channel, std > 0); got {mean.tolist()} and {std.tolist()}")
+    scale = 1 / (preprocessing.get('pixel_scale', 255.0) * std)
+    return scale.astype(np.float32).reshape(C, 1, 1), (-mean / std).astype(np.float32).reshape(C, 1, 1)
+
+def with_pixel_input(model:onnx.ModelProto, # an image model whose first input is normalized float (N, C, H, W)
+                     preprocessing:dict, # pixel_scale, mean and std, as `image_config` writes them
+                     name:str='pixels', # the new input's name
+                    ) -> onnx.ModelProto:
+    "A copy of `model` that takes raw uint8 pixels: a `Cast` and the normalization become its first nodes."
+    m = onnx.ModelProto(); m.CopyFrom(model)
+    g, helper = m.graph, onnx.helper
+    old = g.input[0]
+    new = onnx.ValueInfoProto(); new.CopyFrom(old); new.name = name
+    new.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    scale, shift = (a.reshape(-1) for a in pixel_affine(preprocessing))
+    # `pixels * scale + shift` per channel, as one node: an inference BatchNormalization with mean 0, variance 1, epsilon 0
+    stats = {'pixels_scale': scale, 'pixels_shift': shift, 'pixels_zero': np.zeros_like(scale), 'pixels_one': np.ones_like(scale)}
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in stats.items())
+    front = [helper.make_node('Cast', [name], ['pixels_float'], to=onnx.TensorProto.FLOAT, name='pixels_cast'),
+             helper.make_node('BatchNormalization', ['pixels_float', *stats], [old.name], epsilon=0.0, name='pixels_normalize')]
+    nodes = front + list(g.node)
+    del g.node[:]; g.node.extend(nodes)
+    g.input.remove(old); g.input.insert(0, new)
     return m
 
 class Prediction(NamedTuple):
@@ -115,27 +154,29 @@ class Predictor:
                  providers=None, # ONNX Runtime providers (see `ort_providers`)
                  spin:bool=True): # idle intra-op threads busy-wait between runs (ONNX Runtime's default): lower latency, busier cores
         proto = onnx.load_from_string(onnx_model) if isinstance(onnx_model, bytes) else onnx.load(str(onnx_model))
-        self.session = ort_session(with_softmax(proto).SerializeToString(), threads, providers, spin=spin)
-        self.config, self.labels = config, list(config['labels'])
-        outs = self.session.get_outputs()
-        self.in_name, self.out_name, self.prob_name = self.session.get_inputs()[0].name, outs[0].name, outs[-1].name
         pre = config['preprocessing']
-        self.shape = tuple(pre['input_shape'])
-        C = self.shape[0]
-        mean, std = np.asarray(pre['mean'], np.float64), np.asarray(pre['std'], np.float64)
-        if mean.shape != (C,) or std.shape != (C,):
-            raise ValueError(f"config: mean and std need {C} values (one per channel); got {mean.tolist()} and {std.tolist()}")
-        # the normalized value of every possible uint8 pixel, per channel: (C, 256)
-        self._lut = ((np.arange(256) / pre.get('pixel_scale', 255.0) - mean[:, None]) / std[:, None]).astype(np.float32)
-        self._chan = np.arange(C).reshape(C, 1, 1)
-        self._scale = (1 / std).astype(np.float32).reshape(C, 1, 1)
-        self._shift = (-mean / std).astype(np.float32).reshape(C, 1, 1)
+        self.config, self.labels, self.shape = config, list(config['labels']), tuple(pre['input_shape'])
+        self._scale, self._shift = pixel_affine(pre)  # checks mean and std against the channels
+        self._float_scale = self._scale * np.float32(pre.get('pixel_scale', 255.0))  # for float pixels in 0..1
+        graph = with_predictions(proto)
+        self.session = ort_session(with_pixel_input(graph, pre).SerializeToString(), threads, providers, spin=spin)
+        self._float_graph, self._threads, self._providers = graph.SerializeToString(), threads, providers
+        self.pixels_name, self.in_name = self.session.get_inputs()[0].name, proto.graph.input[0].name
+        self.out_name, self.prob_name, self.label_name = (o.name for o in self.session.get_outputs())
+        self._predict_outputs = [self.prob_name, self.label_name]
+
+    @functools.cached_property
+    def float_session(self) -> ort.InferenceSession:
+        "The graph without `with_pixel_input`, for float input; built on first use, its threads not spinning."
+        return ort_session(self._float_graph, self._threads, self._providers, spin=False)
 
     def __repr__(self):
-        return (f"Predictor(input {self.in_name!r} (N, {', '.join(map(str, self.shape))}), {len(self.labels)} labels, "
+        return (f"Predictor(input {self.pixels_name!r} uint8 (N, {', '.join(map(str, self.shape))}), {len(self.labels)} labels, "
                 f"{self.session.get_providers()[0]})")
 
 # %% ../nbs/08_deployment.ipynb #2a0ea5ba
+_UINT8 = np.dtype(np.uint8)  # NumPy's dtypes are singletons: `x.dtype is _UINT8` is the cheapest test
+
 @patch
 def _expected(self:Predictor) -> str:
     C, H, W = self.shape
@@ -143,10 +184,12 @@ def _expected(self:Predictor) -> str:
             + (f" or (N, {H}, {W})" if C == 1 else "") + " with N >= 1")
 
 @patch
-def preprocess(self:Predictor, x, # images: uint8 0..255 or float 0..1, (N,C,H,W) or, with one channel, (N,H,W)
-               normalized:bool=False, # `x` is float and already normalized (as the data module's loaders hold)
-              ) -> np.ndarray:
-    "Check a batch and turn it into the model's normalized float32 input, as the config says."
+def _checked(self:Predictor, x, # images: uint8 0..255 or float 0..1, (N,C,H,W) or, with one channel, (N,H,W)
+             normalized:bool=False, # `x` is float and already normalized (as the data module's loaders hold)
+            ) -> np.ndarray:
+    "Check a batch: uint8 pixels `(N, C, H, W)` come back as they are, floats come back normalized float32."
+    if type(x) is np.ndarray and x.dtype is _UINT8 and x.shape[1:] == self.shape and len(x) and not normalized:
+        return x  # the serving path, first: a few attribute checks and nothing else
     if isinstance(x, torch.Tensor): x = x.detach().cpu().numpy()
     elif not isinstance(x, np.ndarray):
         raise ValueError(f"expected a numpy array or torch tensor of {self._expected()}; got {type(x).__name__}")
@@ -156,7 +199,7 @@ def preprocess(self:Predictor, x, # images: uint8 0..255 or float 0..1, (N,C,H,W
     if x.shape[0] == 0: raise ValueError(f"empty batch (0 images): expected {self._expected()}")
     if x.dtype == np.uint8:
         if normalized: raise ValueError("normalized=True expects normalized floats, got uint8 pixels: drop normalized=True")
-        return np.take(self._lut[0], x) if len(self._lut) == 1 else self._lut[self._chan, x]
+        return x
     if x.dtype.kind != 'f': raise ValueError(f"wrong dtype {x.dtype}: expected {self._expected()}")
     if normalized:
         if not np.isfinite(x).all(): raise ValueError("input has NaN or infinite values: expected finite normalized floats")
@@ -166,32 +209,41 @@ def preprocess(self:Predictor, x, # images: uint8 0..255 or float 0..1, (N,C,H,W
         if np.isnan(lo) or np.isnan(hi): raise ValueError(f"input has NaN values: expected {self._expected()}")
         raise ValueError(f"float pixels must lie in 0..1, got {lo:.4g}..{hi:.4g}: expected {self._expected()} "
                          "(send uint8 for 0..255 pixels, or pass normalized=True for already-normalized input)")
-    out = x.astype(np.float32); out *= self._scale; out += self._shift
+    out = x.astype(np.float32); out *= self._float_scale; out += self._shift
     return out
+
+@patch
+def preprocess(self:Predictor, x, # a batch of images (see `_checked`)
+               normalized:bool=False, # `x` is float and already normalized
+              ) -> np.ndarray:
+    "The model's normalized float32 input for a batch, computed in NumPy as the graph computes it."
+    x = self._checked(x, normalized)
+    return x * self._scale + self._shift if x.dtype is _UINT8 else x
 
 # %% ../nbs/08_deployment.ipynb #ee221f97
 @patch
-def _run(self:Predictor, output:str, xp:np.ndarray, batch_size:int) -> np.ndarray:
-    if len(xp) <= batch_size: return self.session.run([output], {self.in_name: xp})[0]
-    return np.concatenate([self.session.run([output], {self.in_name: xp[i:i + batch_size]})[0]
-                           for i in range(0, len(xp), batch_size)])
+def _run(self:Predictor, outputs:list, x:np.ndarray, batch_size:int) -> list:
+    "Run `outputs` on a checked batch: uint8 pixels in the serving session, floats in `float_session`; `batch_size` at a time."
+    sess, name = (self.session, self.pixels_name) if x.dtype is _UINT8 else (self.float_session, self.in_name)
+    if len(x) <= batch_size: return sess.run(outputs, {name: x})
+    parts = [sess.run(outputs, {name: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+    return [np.concatenate(p) for p in zip(*parts)]
 
 @patch
-def logits(self:Predictor, x, # a batch of images (see `preprocess`)
+def logits(self:Predictor, x, # a batch of images (see `_checked`)
            normalized:bool=False, # `x` is already normalized
            batch_size:int=512) -> np.ndarray: # images per session run
     "The model's raw outputs `(N, classes)` for a batch."
-    return self._run(self.out_name, self.preprocess(x, normalized), batch_size)
+    return self._run([self.out_name], self._checked(x, normalized), batch_size)[0]
 
 @patch
-def predict(self:Predictor, x, # a batch of images (see `preprocess`)
+def predict(self:Predictor, x, # a batch of images (see `_checked`)
             normalized:bool=False, # `x` is already normalized
             batch_size:int=512, # images per session run (bounds the memory)
            ) -> Prediction:
     "Labels, probabilities (softmax) and label names of a batch."
-    probs = self._run(self.prob_name, self.preprocess(x, normalized), batch_size)
-    labels = probs.argmax(1)
-    return Prediction(labels, probs, [self.labels[i] for i in labels])
+    probs, labels = self._run(self._predict_outputs, self._checked(x, normalized), batch_size)
+    return Prediction(labels, probs, [self.labels[i] for i in labels.tolist()])  # Python ints index faster than NumPy's
 
 Predictor.__call__ = Predictor.predict
 

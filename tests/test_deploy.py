@@ -1,6 +1,8 @@
 "Tests of `bigmodel_nb.deploy`: dynamic-batch export and parity, the predictor's preprocessing and input checks, the model package."
 import json, shutil
 
+import onnx
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from bigmodel_nb.cnn import FashionCNN
 from bigmodel_nb.data import load_fashion_mnist, normalize
 from bigmodel_nb.deploy import (PACKAGE_FILES, PACKAGE_FORMAT, PACKAGE_INT8, PackageError, Predictor, architecture, compare_latency,
                                 export_onnx, latency_markdown, latency_stats, load_package, load_package_weights,
-                                onnx_signature, ort_session, parity_check, save_package, verify_package)
+                                onnx_signature, ort_session, parity_check, save_package, verify_package, with_pixel_input,
+                                with_predictions)
 
 torch.set_num_threads(1)
 
@@ -150,6 +153,42 @@ def test_predictor_bad_normalized_input(predictor):
     x = np.zeros((1, 1, 28, 28), np.float32); x[0, 0, 0, 0] = np.inf
     with pytest.raises(ValueError, match='NaN or infinite'): predictor(x, normalized=True)
     with pytest.raises(ValueError, match='normalized=True'): predictor(np.zeros((1, 28, 28), np.uint8), normalized=True)
+
+
+def test_serving_graph_three_channels(tmp_path):
+    "Per-channel normalization in the graph, for 3-channel images: a valid ONNX file whose outputs match torch on normalized input."
+    torch.manual_seed(0)
+    model = FashionCNN({'c_in': 3, 'size': 16, 'channels': [8, 16], 'convs': [1, 1], 'hidden': 0}).eval()
+    path = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / 'rgb.onnx')
+    pre = {'input_shape': [3, 16, 16], 'pixel_scale': 255.0, 'mean': [0.49, 0.48, 0.45], 'std': [0.25, 0.24, 0.26]}
+    serving = with_predictions(with_pixel_input(onnx.load(path), pre))
+    onnx.checker.check_model(serving, full_check=True)
+    assert [i.name for i in serving.graph.input] == ['pixels'] and [o.name for o in serving.graph.output] == ['logits', 'probabilities', 'labels']
+    p = Predictor(path, {'preprocessing': pre, 'labels': list('abcdefghij')}, threads=1)
+    x = np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)  # the arithmetic of every pixel value
+    mean, std = torch.tensor(pre['mean']).view(1, 3, 1, 1), torch.tensor(pre['std']).view(1, 3, 1, 1)
+    ref_in = (torch.from_numpy(x).float() / 255 - mean) / std
+    np.testing.assert_allclose(p.preprocess(x), ref_in.numpy(), atol=1e-5)
+    with torch.no_grad(): ref = model(ref_in)
+    out = p(x)
+    np.testing.assert_allclose(p.logits(x), ref.numpy(), atol=1e-4)
+    np.testing.assert_allclose(out.probs, torch.softmax(ref, 1).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(out.labels, ref.argmax(1).numpy())
+    # the graph's own normalized tensor is `preprocess`, bit for bit
+    front = with_pixel_input(onnx.load(path), pre)
+    front.graph.output.append(onnx.helper.make_tensor_value_info(p.in_name, onnx.TensorProto.FLOAT, None))
+    np.testing.assert_array_equal(ort_session(front.SerializeToString(), 1).run([p.in_name], {'pixels': x})[0], p.preprocess(x))
+
+
+def test_predictor_float_session_on_demand(exported, config, fashion):
+    "uint8 pixels never build the float session; floats do, once, and give the same answer."
+    x = fashion[0].numpy()
+    p = Predictor(exported[1], config, threads=1)
+    labels = p(x).labels
+    np.testing.assert_array_equal(p(x[::2]).labels, labels[::2])  # a strided view, as it is
+    assert 'float_session' not in p.__dict__
+    np.testing.assert_array_equal(p(x / np.float32(255)).labels, labels)
+    assert p.__dict__['float_session'] is p.float_session
 
 
 def test_predictor_bad_config(exported, config):
