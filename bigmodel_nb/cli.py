@@ -151,7 +151,8 @@ def package(model, dls, run_dir, metrics:dict=None) -> dict:
                           metrics={k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}, calib=dls.train)
     pred, pred8 = load_package(folder), load_package(folder, int8=True)
     x, y = dls.test.x, dls.test.y.numpy()
-    raw = (x * dls.std[:, None, None] + dls.mean[:, None, None]).clamp(0, 1).numpy()  # what a client sends: pixels in 0..1
+    # what a client sends: uint8 pixels (the test set's own: normalizing and back is exact after rounding)
+    raw = ((x * dls.std[:, None, None] + dls.mean[:, None, None]) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     with torch.no_grad(): ref = torch.cat([model(b) for b in x.split(1024)]).argmax(-1).numpy()
     labels, labels8 = pred.predict(raw).labels, pred8.predict(raw).labels
     return dict(package='package/', files=len(pred.manifest['files']), predictor_agreement=float((labels == ref).mean()),

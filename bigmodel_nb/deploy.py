@@ -261,17 +261,19 @@ def compare_latency(runners:dict, # name -> `make(batch_size)` returning a no-ar
                     repeats:int=200, # timed calls per runner and batch size, split over `rounds`
                     warmup:int=20, # untimed calls per runner and batch size, first
                     rounds:int=5, # interleaved rounds; the order of the runners rotates each round
+                    pause:float=0.005, # seconds of rest before each runner's turn in a round
                    ) -> list:
     "Time several ways to run a model, interleaved: a dict of latency stats per runner and batch size."
     rows, names = [], list(runners)
     for bs in batch_sizes:
         fns = {n: runners[n](bs) for n in names}
         for n in names: fns[n]() if warmup == 0 else time_calls(fns[n], 1, warmup - 1)
-        times = {n: [] for n in names}
+        times, per = {n: [] for n in names}, max(1, repeats // rounds)
         for r in range(rounds):
             k = r % len(names); order = names[k:] + names[:k]
             for n in (order if r % 2 == 0 else order[::-1]):
-                times[n].append(time_calls(fns[n], max(1, repeats // rounds), 0))
+                time.sleep(pause)  # the last runner's spinning threads (ONNX Runtime's, OpenMP's) go idle first
+                times[n].append(time_calls(fns[n], per, max(1, per // 10)))  # a few untimed calls: cores back to speed
         base = None
         for n in names:
             t = np.concatenate(times[n]); st = latency_stats(t)
