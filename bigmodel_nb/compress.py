@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 import onnx
+from onnx import numpy_helper
 import onnxruntime as ort
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_dynamic as _ort_qdynamic, quantize_static as _ort_qstatic)
@@ -27,11 +28,11 @@ from .learner import Learner, accuracy
 
 # %% auto #0
 __all__ = ['PRUNABLE', 'file_size', 'zipped_size', 'save_torch', 'timings', 'latency', 'accuracy_of', 'quantize_int8',
-           'dequantize_int8', 'quantize_dynamic_int8', 'quantize_static_int8', 'export_onnx', 'ort_providers',
-           'ort_session', 'ort_predictor', 'LoaderCalibrationReader', 'ort_quantize_dynamic', 'ort_quantize_static',
-           'prunable', 'sparsity', 'layer_sparsity', 'prune_global', 'prune_channels', 'make_permanent', 'finetune',
-           'recalibrate_bn', 'prune_finetune', 'save_sparse', 'load_sparse', 'measure', 'compression_report',
-           'compression_table', 'check_goals']
+           'dequantize_int8', 'quantize_dynamic_int8', 'quantize_static_int8', 'fold_pooled_batchnorm', 'export_onnx',
+           'ort_providers', 'ort_session', 'ort_predictor', 'LoaderCalibrationReader', 'ort_quantize_dynamic',
+           'ort_quantize_static', 'prunable', 'sparsity', 'layer_sparsity', 'prune_global', 'prune_channels',
+           'make_permanent', 'finetune', 'recalibrate_bn', 'prune_finetune', 'save_sparse', 'load_sparse', 'measure',
+           'compression_report', 'compression_table', 'check_goals']
 
 # %% ../nbs/07_compression.ipynb #9651b8f4
 def file_size(path) -> int: # a file
@@ -166,6 +167,65 @@ def quantize_static_int8(model:nn.Module, # a float model, FX-traceable (no data
             for x in xs: p(x)
         return convert_fx(p)
 
+# %% ../nbs/07_compression.ipynb #f01d8a11
+def _toposort(nodes:list, known:set) -> list:
+    "Nodes in an order where each comes after the producers of its inputs (stable: the given order where it can)."
+    out, left, known = [], list(nodes), set(known) | {''}
+    while left:
+        i = next((i for i, n in enumerate(left) if all(x in known for x in n.input)), None)
+        if i is None: raise ValueError(f"graph has a cycle or a dangling input near {left[0].name!r}")
+        n = left.pop(i); out.append(n); known.update(n.output)
+    return out
+
+def fold_pooled_batchnorm(model:onnx.ModelProto, # an exported float model
+                         ) -> tuple:
+    "A copy of `model` in which each `Conv → MaxPool → BatchNormalization (→ Relu)` with positive batch-norm scales becomes `Conv (→ Relu) → MaxPool`; and how many were folded."
+    m = onnx.ModelProto(); m.CopyFrom(model)
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    users = {}
+    for n in g.node:
+        for x in n.input: users.setdefault(x, []).append(n)
+    maker = {o: n for n in g.node for o in n.output}
+    graph_outputs = {o.name for o in g.output}
+    only_user = lambda t, op: t not in graph_outputs and len(users.get(t, [])) == 1 and users[t][0].op_type == op
+    folds = 0
+    for bn in [n for n in g.node if n.op_type == 'BatchNormalization']:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
+        pool = maker.get(bn.input[0])
+        conv = maker.get(pool.input[0]) if pool is not None and pool.op_type == 'MaxPool' else None
+        if (conv is None or conv.op_type != 'Conv' or attrs.get('training_mode', 0) or len(bn.output) != 1 or len(pool.output) != 1
+                or not only_user(conv.output[0], 'MaxPool') or not only_user(pool.output[0], 'BatchNormalization')
+                or len(users[conv.input[1]]) != 1 or not all(x in inits for x in [*conv.input[1:], *bn.input[1:]] if x)): continue
+        gamma, beta, mu, var = (numpy_helper.to_array(inits[x]).astype(np.float64) for x in bn.input[1:])
+        a = gamma / np.sqrt(var + attrs.get('epsilon', 1e-5))
+        if not (a > 0).all(): continue  # a decreasing channel does not commute with the max
+        W = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        w_name, b_name = f'{conv.input[1]}.bn_folded', f'{conv.input[1]}.bn_folded_bias'
+        g.initializer.extend([numpy_helper.from_array((W * a[:, None, None, None]).astype(np.float32), w_name),
+                              numpy_helper.from_array((a * (b - mu) + beta).astype(np.float32), b_name)])
+        del conv.input[1:]; conv.input.extend([w_name, b_name])
+        y = bn.output[0]
+        if only_user(y, 'Relu'):  # conv → relu → pool; the pool now writes what the relu wrote
+            relu = users[y][0]
+            relu.input[0], pool.input[0] = conv.output[0], f'{conv.output[0]}.relu'
+            pool.output[0], relu.output[0] = relu.output[0], pool.input[0]
+        else: pool.output[0] = y
+        g.node.remove(bn)
+        folds += 1
+    if folds:
+        nodes = _toposort(list(g.node), {i.name for i in g.input} | set(inits) | {t.name for t in g.initializer})
+        del g.node[:]; g.node.extend(nodes)
+        used = {x for n in g.node for x in n.input} | graph_outputs
+        made = {o for n in g.node for o in n.output}
+        keep = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]; g.initializer.extend(keep)
+        vi = [v for v in g.value_info if v.name in made]
+        del g.value_info[:]; g.value_info.extend(vi)
+    return m, folds
+
+
 # %% ../nbs/07_compression.ipynb #02f7c3be
 def _as_tuple(x): return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
@@ -180,6 +240,7 @@ def export_onnx(model:nn.Module, # the model; exported in eval mode, its mode re
                 opset:int|None=None, # ONNX opset; None: the exporter's default
                 check:bool=True, # validate with `onnx.checker.check_model(full_check=True)`
                 quiet:bool=True, # hide the exporter's progress lines
+                fold_bn:bool=True, # fold batch norms that follow a max-pool into the conv before it (`fold_pooled_batchnorm`)
                ) -> Path:
     "Export `model` with the dynamo exporter to one checked `.onnx` file, written atomically."
     path, example = Path(path), _as_tuple(example)
@@ -195,6 +256,9 @@ def export_onnx(model:nn.Module, # the model; exported in eval mode, its mode re
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
             torch.onnx.export(model, example, part, dynamo=True, external_data=False, input_names=list(input_names),
                               output_names=list(output_names), dynamic_shapes=dyn, opset_version=opset)
+        if fold_bn:
+            folded, n = fold_pooled_batchnorm(onnx.load(part))
+            if n: onnx.save(folded, part)
         if check: onnx.checker.check_model(onnx.load(part), full_check=True)
         os.replace(part, path)
     finally:

@@ -10,6 +10,7 @@ from torch import nn
 
 from bigmodel_nb.cnn import FashionCNN
 from bigmodel_nb.data import load_fashion_mnist, normalize
+from bigmodel_nb.compress import fold_pooled_batchnorm
 from bigmodel_nb.deploy import (PACKAGE_FILES, PACKAGE_FORMAT, PACKAGE_INT8, PackageError, Predictor, architecture, compare_latency,
                                 export_onnx, latency_markdown, latency_stats, load_package, load_package_weights,
                                 onnx_signature, ort_session, parity_check, save_package, verify_package, with_pixel_input,
@@ -88,6 +89,24 @@ def test_export_matches_torch(exported, bs):
     got = sess.run(None, {'input': x.numpy()})[0]
     assert got.shape == (bs, 10)
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_export_folds_pooled_batchnorm(exported, fashion, tmp_path):
+    "Conv → MaxPool → BatchNorm → Relu becomes Conv → Relu → MaxPool; a block with a negative scale stays; outputs stay torch's."
+    model, path = exported
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert 'BatchNormalization' not in ops and ops[:3] == ['Conv', 'Relu', 'MaxPool']
+    x, _, mean, std = fashion
+    flipped = small_cnn()
+    with torch.no_grad(): flipped[1][2].weight[3] *= -1  # one decreasing channel in the second block
+    plain = export_onnx(flipped, torch.randn(1, 1, 28, 28), tmp_path / 'plain.onnx', fold_bn=False)
+    folded, n = fold_pooled_batchnorm(onnx.load(plain))
+    assert n == 1 and [o.op_type for o in folded.graph.node].count('BatchNormalization') == 1
+    onnx.checker.check_model(folded, full_check=True)
+    xn = normalize(x, mean, std)
+    with torch.no_grad(): ref = flipped(xn).numpy()
+    np.testing.assert_allclose(ort_session(folded.SerializeToString(), 1).run(None, {'input': xn.numpy()})[0], ref, atol=1e-4)
+    assert fold_pooled_batchnorm(folded)[1] == 0  # nothing left to fold
 
 
 def test_export_restores_training_mode(tmp_path):
