@@ -24,9 +24,9 @@ from .compress import ort_quantize_static
 
 # %% auto #0
 __all__ = ['PACKAGE_FORMAT', 'PACKAGE_FILES', 'PACKAGE_INT8', 'onnx_signature', 'parity_check', 'image_config', 'architecture',
-           'build_model', 'with_predictions', 'pixel_affine', 'with_pixel_input', 'Prediction', 'Predictor',
-           'latency_stats', 'compare_latency', 'latency_markdown', 'plot_latency', 'model_card', 'PackageError',
-           'save_package', 'verify_package', 'load_package', 'load_package_weights']
+           'build_model', 'with_predictions', 'pixel_affine', 'with_pixel_input', 'serving_graph', 'Prediction',
+           'Predictor', 'latency_stats', 'compare_latency', 'latency_markdown', 'plot_latency', 'model_card',
+           'PackageError', 'save_package', 'verify_package', 'load_package', 'load_package_weights']
 
 # %% ../nbs/08_deployment.ipynb #1c48b3a2
 from .compress import export_onnx, _as_tuple, _device  # defined in the compression chapter, which exports before it quantizes
@@ -140,6 +140,12 @@ def with_pixel_input(model:onnx.ModelProto, # an image model whose first input i
     g.input.remove(old); g.input.insert(0, new)
     return m
 
+def serving_graph(model:onnx.ModelProto, # an exported classifier: normalized float input, logits output
+                  preprocessing:dict, # pixel_scale, mean and std, as `image_config` writes them
+                 ) -> onnx.ModelProto:
+    "The graph a `Predictor` serves: raw uint8 `pixels` in; `logits`, `probabilities` and `labels` out."
+    return with_pixel_input(with_predictions(model), preprocessing)
+
 class Prediction(NamedTuple):
     "Predicted labels `(N,)`, probabilities `(N, classes)` and label names of a batch."
     labels: np.ndarray
@@ -158,8 +164,8 @@ class Predictor:
         self.config, self.labels, self.shape = config, list(config['labels']), tuple(pre['input_shape'])
         self._scale, self._shift = pixel_affine(pre)  # checks mean and std against the channels
         self._float_scale = self._scale * np.float32(pre.get('pixel_scale', 255.0))  # for float pixels in 0..1
-        graph = with_predictions(proto)
-        self.session = ort_session(with_pixel_input(graph, pre).SerializeToString(), threads, providers, spin=spin)
+        self.session = ort_session(serving_graph(proto, pre).SerializeToString(), threads, providers, spin=spin)
+        graph = with_predictions(proto)  # for float input: the same graph without `with_pixel_input`
         self._float_graph, self._threads, self._providers = graph.SerializeToString(), threads, providers
         self.pixels_name, self.in_name = self.session.get_inputs()[0].name, proto.graph.input[0].name
         self.out_name, self.prob_name, self.label_name = (o.name for o in self.session.get_outputs())

@@ -1,9 +1,9 @@
 "Tests of `bigmodel_nb.deploy`: dynamic-batch export and parity, the predictor's preprocessing and input checks, the model package."
 import json, shutil
 
-import onnx
-
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -13,8 +13,8 @@ from bigmodel_nb.data import load_fashion_mnist, normalize
 from bigmodel_nb.compress import fold_pooled_batchnorm
 from bigmodel_nb.deploy import (PACKAGE_FILES, PACKAGE_FORMAT, PACKAGE_INT8, PackageError, Predictor, architecture, compare_latency,
                                 export_onnx, latency_markdown, latency_stats, load_package, load_package_weights,
-                                onnx_signature, ort_session, parity_check, save_package, verify_package, with_pixel_input,
-                                with_predictions)
+                                onnx_signature, ort_session, parity_check, save_package, serving_graph, verify_package,
+                                with_pixel_input)
 
 torch.set_num_threads(1)
 
@@ -180,7 +180,7 @@ def test_serving_graph_three_channels(tmp_path):
     model = FashionCNN({'c_in': 3, 'size': 16, 'channels': [8, 16], 'convs': [1, 1], 'hidden': 0}).eval()
     path = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / 'rgb.onnx')
     pre = {'input_shape': [3, 16, 16], 'pixel_scale': 255.0, 'mean': [0.49, 0.48, 0.45], 'std': [0.25, 0.24, 0.26]}
-    serving = with_predictions(with_pixel_input(onnx.load(path), pre))
+    serving = serving_graph(onnx.load(path), pre)
     onnx.checker.check_model(serving, full_check=True)
     assert [i.name for i in serving.graph.input] == ['pixels'] and [o.name for o in serving.graph.output] == ['logits', 'probabilities', 'labels']
     p = Predictor(path, {'preprocessing': pre, 'labels': list('abcdefghij')}, threads=1)
@@ -193,6 +193,8 @@ def test_serving_graph_three_channels(tmp_path):
     np.testing.assert_allclose(p.logits(x), ref.numpy(), atol=1e-4)
     np.testing.assert_allclose(out.probs, torch.softmax(ref, 1).numpy(), atol=1e-5)
     np.testing.assert_array_equal(out.labels, ref.argmax(1).numpy())
+    plain = ort.InferenceSession(serving.SerializeToString(), providers=['CPUExecutionProvider'])  # no library involved
+    np.testing.assert_array_equal(plain.run(['labels'], {'pixels': x})[0], out.labels)
     # the graph's own normalized tensor is `preprocess`, bit for bit
     front = with_pixel_input(onnx.load(path), pre)
     front.graph.output.append(onnx.helper.make_tensor_value_info(p.in_name, onnx.TensorProto.FLOAT, None))
