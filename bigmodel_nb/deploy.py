@@ -168,7 +168,7 @@ class Predictor:
         graph = with_predictions(proto)  # for float input: the same graph without `with_pixel_input`
         self._float_graph, self._threads, self._providers = graph.SerializeToString(), threads, providers
         self.pixels_name, self.in_name = self.session.get_inputs()[0].name, proto.graph.input[0].name
-        self.out_name, self.prob_name, self.label_name = (o.name for o in self.session.get_outputs())
+        self.out_name, self.prob_name, self.label_name = proto.graph.output[0].name, 'probabilities', 'labels'
         self._predict_outputs = [self.prob_name, self.label_name]
 
     @functools.cached_property
