@@ -26,7 +26,7 @@ turns. Short turns matter on a shared host: its slow spells last seconds and wou
 contender's whole measurement. Prints the Markdown tables, writes them to bench/results/inference.md, and ends with
 `inference: RATIO` (the Predictor on the package's default fp32 model / torch eager at batch 1, each alone).
 """
-import os, platform, sys, tempfile, time
+import json, os, platform, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +77,6 @@ def predictor_call(p, x):
 
 def worker(name, folder):
     "A process that holds one contender at batch 1 and nothing else: on each line `n` from stdin, time n calls, print the median µs."
-    import json, statistics
     from bigmodel_nb.cnn import time_calls
     torch.set_num_threads(THREADS)
     folder = Path(folder)
@@ -99,7 +98,6 @@ def take_turns(names, folder):
     others wait on a pipe, idle. Only one runtime works at a time, so none taxes another, and the turns are short
     (tenths of a second), so a slow spell of the machine (other tenants of the host) falls on every contender alike.
     """
-    import subprocess
     procs = {n: subprocess.Popen([sys.executable, __file__, '--worker', n, str(folder)], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True) for n in names}
     try:
@@ -134,7 +132,6 @@ def main():
 
     tmp = Path(tempfile.mkdtemp(prefix='bench-inference-'))
     onnx_path = export_onnx(model, x_norm[:1], tmp / 'cnn.onnx')
-    import json
     from bigmodel_nb.cnn import save_cnn
     save_cnn(model, tmp / 'cnn.safetensors'); (tmp / 'config.json').write_text(json.dumps(config))
     np.save(tmp / 'x_norm.npy', x_norm[:1].numpy()); np.save(tmp / 'x_raw.npy', x_raw[:1])

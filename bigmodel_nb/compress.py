@@ -168,15 +168,6 @@ def quantize_static_int8(model:nn.Module, # a float model, FX-traceable (no data
         return convert_fx(p)
 
 # %% ../nbs/07_compression.ipynb #f01d8a11
-def _toposort(nodes:list, known:set) -> list:
-    "Nodes in an order where each comes after the producers of its inputs (stable: the given order where it can)."
-    out, left, known = [], list(nodes), set(known) | {''}
-    while left:
-        i = next((i for i, n in enumerate(left) if all(x in known for x in n.input)), None)
-        if i is None: raise ValueError(f"graph has a cycle or a dangling input near {left[0].name!r}")
-        n = left.pop(i); out.append(n); known.update(n.output)
-    return out
-
 def fold_pooled_batchnorm(model:onnx.ModelProto, # an exported float model
                          ) -> tuple:
     "A copy of `model` in which each `Conv → MaxPool → BatchNormalization (→ Relu)` with positive batch-norm scales becomes `Conv (→ Relu) → MaxPool`; and how many were folded."
@@ -207,16 +198,16 @@ def fold_pooled_batchnorm(model:onnx.ModelProto, # an exported float model
                               numpy_helper.from_array((a * (b - mu) + beta).astype(np.float32), b_name)])
         del conv.input[1:]; conv.input.extend([w_name, b_name])
         y = bn.output[0]
-        if only_user(y, 'Relu'):  # conv → relu → pool; the pool now writes what the relu wrote
-            relu = users[y][0]
-            relu.input[0], pool.input[0] = conv.output[0], f'{conv.output[0]}.relu'
-            pool.output[0], relu.output[0] = relu.output[0], pool.input[0]
+        if only_user(y, 'Relu'):  # conv → relu → pool: the two swap places in the node list, which stays in order
+            relu, mid = users[y][0], f'{conv.output[0]}.relu'
+            new_relu = onnx.helper.make_node('Relu', [conv.output[0]], [mid], name=relu.name)
+            new_pool = onnx.NodeProto(); new_pool.CopyFrom(pool)
+            new_pool.input[0], new_pool.output[0] = mid, relu.output[0]
+            pool.CopyFrom(new_relu); relu.CopyFrom(new_pool)
         else: pool.output[0] = y
         g.node.remove(bn)
         folds += 1
     if folds:
-        nodes = _toposort(list(g.node), {i.name for i in g.input} | set(inits) | {t.name for t in g.initializer})
-        del g.node[:]; g.node.extend(nodes)
         used = {x for n in g.node for x in n.input} | graph_outputs
         made = {o for n in g.node for o in n.output}
         keep = [t for t in g.initializer if t.name in used]
@@ -256,10 +247,12 @@ def export_onnx(model:nn.Module, # the model; exported in eval mode, its mode re
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
             torch.onnx.export(model, example, part, dynamo=True, external_data=False, input_names=list(input_names),
                               output_names=list(output_names), dynamic_shapes=dyn, opset_version=opset)
-        if fold_bn:
-            folded, n = fold_pooled_batchnorm(onnx.load(part))
-            if n: onnx.save(folded, part)
-        if check: onnx.checker.check_model(onnx.load(part), full_check=True)
+        if fold_bn or check:
+            proto = onnx.load(part)
+            if fold_bn:
+                proto, n = fold_pooled_batchnorm(proto)
+                if n: onnx.save(proto, part)
+            if check: onnx.checker.check_model(proto, full_check=True)
         os.replace(part, path)
     finally:
         model.train(was_training)

@@ -165,8 +165,7 @@ class Predictor:
         self._scale, self._shift = pixel_affine(pre)  # checks mean and std against the channels
         self._float_scale = self._scale * np.float32(pre.get('pixel_scale', 255.0))  # for float pixels in 0..1
         self.session = ort_session(serving_graph(proto, pre).SerializeToString(), threads, providers, spin=spin)
-        graph = with_predictions(proto)  # for float input: the same graph without `with_pixel_input`
-        self._float_graph, self._threads, self._providers = graph.SerializeToString(), threads, providers
+        self._proto, self._threads, self._providers = proto, threads, providers  # for `float_session`, if ever needed
         self.pixels_name, self.in_name = self.session.get_inputs()[0].name, proto.graph.input[0].name
         self.out_name, self.prob_name, self.label_name = proto.graph.output[0].name, 'probabilities', 'labels'
         self._predict_outputs = [self.prob_name, self.label_name]
@@ -174,7 +173,7 @@ class Predictor:
     @functools.cached_property
     def float_session(self) -> ort.InferenceSession:
         "The graph without `with_pixel_input`, for float input; built on first use, its threads not spinning."
-        return ort_session(self._float_graph, self._threads, self._providers, spin=False)
+        return ort_session(with_predictions(self._proto).SerializeToString(), self._threads, self._providers, spin=False)
 
     def __repr__(self):
         return (f"Predictor(input {self.pixels_name!r} uint8 (N, {', '.join(map(str, self.shape))}), {len(self.labels)} labels, "

@@ -209,7 +209,7 @@ def test_predictor_float_session_on_demand(exported, config, fashion):
     np.testing.assert_array_equal(p(x[::2]).labels, labels[::2])  # a strided view, as it is
     assert 'float_session' not in p.__dict__
     np.testing.assert_array_equal(p(x / np.float32(255)).labels, labels)
-    assert p.__dict__['float_session'] is p.float_session
+    assert 'float_session' in p.__dict__
 
 
 def test_predictor_bad_config(exported, config):
@@ -308,7 +308,6 @@ def test_package_int8(package, exported, config, fashion, tmp_path):
     folder = save_package(model, tmp_path / 'int8', xn[:16], config, calib=list(xn[16:].split(32)), n_calib=4)
     man = verify_package(folder)
     assert set(man['files']) == {*PACKAGE_FILES, PACKAGE_INT8}
-    import onnx
     inits = onnx.load(str(folder / PACKAGE_INT8)).graph.initializer
     assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4 for t in inits)  # conv weights stored as int8
     p8 = load_package(folder, threads=1, int8=True)
