@@ -22,7 +22,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from .concepts import human_bytes
-from .cnn import time_calls
+from .concepts import time_calls
 from .data import DataLoaders, TensorLoader
 from .learner import Learner, accuracy
 

@@ -19,7 +19,8 @@ import onnxruntime as ort
 from fastcore.basics import patch
 from safetensors.torch import save as st_save, load as st_load
 
-from .cnn import FashionCNN, CNN_ARCH_KEYS, time_calls
+from .cnn import FashionCNN, CNN_ARCH_KEYS
+from .concepts import time_calls
 from .compress import ort_quantize_static
 
 # %% auto #0

@@ -16,17 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import patch
-from fastprogress import fastprogress
-from fastprogress.fastprogress import master_bar, progress_bar
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .concepts import default_device, atomic_write, cpu_name, time_stats
 
 # %% auto #0
 __all__ = ['events', 'schedules', 'digits_cnn', 'CancelFitException', 'CancelEpochException', 'CancelTrainException',
            'CancelValidateException', 'CancelBatchException', 'CancelBackwardException', 'CancelStepException',
            'Callback', 'Learner', 'accuracy', 'confusion_matrix', 'precision', 'recall', 'f1_score', 'perplexity',
-           'plot_confusion_matrix', 'Recorder', 'ProgressCB', 'sched_one_cycle', 'sched_cos', 'LRSchedule',
-           'EarlyStopping', 'GradientClip', 'MixedPrecision', 'Checkpoint']
+           'plot_confusion_matrix', 'Recorder', 'ProgressCB', 'StopAfter', 'sched_one_cycle', 'sched_cos', 'LRSchedule',
+           'TimeBudget', 'accuracy_on', 'EarlyStopping', 'GradientClip', 'MixedPrecision', 'Checkpoint']
 
 # %% ../nbs/02_training.ipynb #6461e22a
 def digits_cnn(c_in:int=1, # input channels
@@ -76,9 +76,6 @@ class Callback:
 # %% ../nbs/02_training.ipynb #1b498a81
 def _listify(o): return [] if o is None else list(o) if isinstance(o, (list, tuple)) else [o]
 
-def _default_device():
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-
 def _to_device(b, device):
     if isinstance(b, Tensor): return b.to(device, non_blocking=True)
     if isinstance(b, (list, tuple)): return type(b)(_to_device(o, device) for o in b)
@@ -96,13 +93,13 @@ class Learner:
                  lr:float=1e-3, # default (peak) learning rate for `fit`
                  metrics=None, # functions `metric(preds, targs)` computed on the whole validation set each epoch
                  cbs=None, # extra callbacks, kept for every `fit`
-                 device=None, # defaults to CUDA when available, else CPU
+                 device=None, # defaults to `default_device()`: CUDA, then Apple's MPS, then the CPU
                  progress:bool=True): # show a progress bar and the epoch table (`ProgressCB`)
         if isinstance(data, (tuple, list)): data = SimpleNamespace(train=data[0], valid=data[1] if len(data) > 1 else None)
         if not hasattr(data, 'train'):
             raise TypeError(f"`data` needs a `.train` iterable of (x, y) batches (and `.valid`); got {type(data).__name__}. "
                             "Pass a DataLoaders, or a (train, valid) pair of loaders.")
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = torch.device(device) if device is not None else default_device()
         self.model, self.data, self.loss_func, self.lr = model.to(self.device), data, loss_func, lr
         self.metrics = _listify(metrics)
         if isinstance(opt_func, torch.optim.Optimizer): self.opt, self.opt_func = opt_func, None
@@ -205,11 +202,11 @@ def _do_fit(self:Learner):
 @patch
 def fit(self:Learner,
         n_epoch:int, # train until this many epochs are done (counting those before a `resume`)
-        lr:float=None, # peak learning rate; defaults to `self.lr`
-        sched='one_cycle', # 'one_cycle', 'cos', None (constant), or `f(step, total, lr)` returning the learning rate
+        lr:float=None, # learning rate (the peak, with a schedule); defaults to `self.lr`
+        sched=None, # None (constant), 'one_cycle', 'cos', or `f(step, total, lr)` returning the learning rate
         cbs=None, # callbacks for this fit only
         resume=None): # path of a checkpoint to continue from (model, optimizer, schedule, epoch, RNG and callback state)
-    "Train for `n_epoch` epochs."
+    "Train for `n_epoch` epochs, at a constant learning rate unless `sched` says otherwise."
     self.n_epoch, self.lr = n_epoch, self.lr if lr is None else lr
     self.create_opt()
     for pg in self.opt.param_groups: pg['lr'] = self.lr
@@ -221,6 +218,15 @@ def fit(self:Learner,
         self._with_events(self._do_fit, 'fit', CancelFitException)
     finally: self.remove_cbs(cbs)
     return self
+
+@patch
+def fit_one_cycle(self:Learner,
+                  n_epoch:int, # epochs (counting those before a `resume`)
+                  lr_max:float=None, # the peak learning rate; defaults to `self.lr`
+                  cbs=None, # callbacks for this fit only
+                  resume=None): # a checkpoint to continue from
+    "Train for `n_epoch` epochs with the one-cycle schedule (`sched_one_cycle`): warm up to `lr_max`, then anneal."
+    return self.fit(n_epoch, lr_max, sched='one_cycle', cbs=cbs, resume=resume)
 
 # %% ../nbs/02_training.ipynb #e7297f81
 def _labels(preds): return preds.argmax(-1) if preds.is_floating_point() else preds
@@ -393,6 +399,7 @@ class ProgressCB(Callback):
 
     def before_fit(self):
         L = self.learn
+        from fastprogress.fastprogress import master_bar  # imported when a bar is shown: a server never loads it
         self.mbar = master_bar(range(L.start_epoch, L.n_epoch))
         self.mbar.on_iter_begin(); self._header = False
 
@@ -401,8 +408,9 @@ class ProgressCB(Callback):
     def _bar(self):
         dl = self.learn.dl
         # a batch bar redraws itself with carriage returns: in a notebook or a terminal; in a log file only the table
+        from fastprogress import fastprogress
         if hasattr(dl, '__len__') and (fastprogress.IN_NOTEBOOK or sys.stdout.isatty()):
-            self.learn.dl = progress_bar(dl, parent=self.mbar, leave=False)
+            self.learn.dl = fastprogress.progress_bar(dl, parent=self.mbar, leave=False)
 
     def before_train(self): self._bar()
     def before_validate(self): self._bar()
@@ -418,6 +426,14 @@ class ProgressCB(Callback):
             self.mbar.update_graph(graphs, [1, self.learn.n_epoch])
 
     def after_fit(self): self.mbar.on_iter_end()
+
+# %% ../nbs/02_training.ipynb #6bf712d5
+class StopAfter(Callback):
+    "Stop training after epoch `n` (counting from 1), after every other callback's `after_epoch`: a run cut short on purpose."
+    order = 40
+    def __init__(self, n:int): self.n = n # the last epoch to train
+    def after_epoch(self):
+        if self.learn.epoch + 1 >= self.n: raise CancelFitException
 
 # %% ../nbs/02_training.ipynb #2c6c409f
 def _anneal_cos(start, end, pct): return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
@@ -460,6 +476,26 @@ class LRSchedule(Callback):
             lr = self.sched(L.train_iter, self.total, self.lr)
             for pg in L.opt.param_groups: pg['lr'] = lr
 
+# %% ../nbs/02_training.ipynb #32530bc8
+class TimeBudget(Callback):
+    "Stop the fit after `seconds` of wall time, pacing the fit's schedule by the clock as well as by the steps."
+    order = -20  # before `LRSchedule`, whose schedule it paces
+    def __init__(self, seconds:float): self.seconds, self.t0 = seconds, None # training time allowed, in seconds
+    def progress(self) -> float: return min((time.perf_counter() - self.t0) / self.seconds, 1.) # share of the budget used
+    def before_fit(self):
+        self.t0, self.paced = time.perf_counter(), []
+        for cb in self.learn.cbs:
+            if isinstance(cb, LRSchedule): self.paced.append((cb, cb.sched)); cb.sched = self._pace(cb.sched)
+    def _pace(self, sched):
+        def paced(step, total, lr_max): return sched(min(max(step, int(self.progress() * (total - 1))), total - 1), total, lr_max)
+        return paced
+    def after_batch(self):
+        if self.learn.training and self.progress() >= 1: raise CancelFitException()
+    def after_fit(self):
+        for cb, sched in self.paced: cb.sched = sched
+    def state_dict(self): return {'used': time.perf_counter() - self.t0}
+    def load_state_dict(self, sd): self.t0 = time.perf_counter() - sd['used']
+
 # %% ../nbs/02_training.ipynb #48458830
 @patch
 def get_preds(self:Learner, dl=None, # defaults to `data.valid`
@@ -491,8 +527,10 @@ def validate(self:Learner, dl=None): # defaults to `data.valid`
 @patch
 def predict(self:Learner, item:Tensor): # one input, without the batch dimension
     "The predicted class (its name when `data.classes` exists), its index and the probabilities for one item."
-    self.model.eval()
-    with torch.no_grad(), self.autocast(): out = self.model(_to_device(item[None], self.device))
+    was_training = self.model.training; self.model.eval()
+    try:
+        with torch.no_grad(), self.autocast(): out = self.model(_to_device(item[None], self.device))
+    finally: self.model.train(was_training)  # as `get_preds`: the model's mode is left as it was
     probs = torch.softmax(out.float(), -1)[0].cpu(); idx = int(probs.argmax())
     classes = getattr(self.data, 'classes', None)
     return (classes[idx] if classes is not None else idx), idx, probs
@@ -501,6 +539,29 @@ def predict(self:Learner, item:Tensor): # one input, without the batch dimension
 def confusion_matrix(self:Learner, dl=None): # defaults to `data.valid`
     "The confusion matrix on `dl`."
     return confusion_matrix(*self.get_preds(dl))
+
+# %% ../nbs/02_training.ipynb #99f2d7ae
+def accuracy_on(model, # an `nn.Module`, or any `f(x)` returning scores `(N, C)` or labels `(N,)`, tensor or NumPy
+                dl, # batches `(x, y)`
+                limit:int=None) -> float: # use only the first `limit` items
+    "Accuracy of `model` on the batches of `dl`."
+    module = model if isinstance(model, nn.Module) else None
+    if module is not None:
+        was_training = module.training; module.eval()
+        device = next(module.parameters(), torch.empty(0)).device
+    correct = n = 0
+    try:
+        with torch.inference_mode():
+            for x, y in dl:
+                if limit is not None and n >= limit: break
+                if limit is not None: x, y = x[:limit - n], y[:limit - n]
+                out = model(x.to(device)) if module is not None else model(x)
+                out = out if isinstance(out, Tensor) else torch.as_tensor(np.asarray(out))
+                correct += int((_labels(out).cpu() == y).sum()); n += len(y)
+    finally:
+        if module is not None: module.train(was_training)
+    if n == 0: raise ValueError("accuracy_on: the loader gave no items")
+    return correct / n
 
 # %% ../nbs/02_training.ipynb #6c1f9d34
 class EarlyStopping(Callback):
@@ -579,18 +640,6 @@ def _unshared(sd):
         if key is not None: seen.add(key)
     return out
 
-def _atomic_save_file(tensors, path, metadata):
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
-
 def _opt_flat(opt):
     sd, tensors, state = opt.state_dict(), {}, {}
     for pid, st in sd['state'].items():
@@ -658,7 +707,8 @@ def save(self:Learner, path, # file to write, e.g. 'model.safetensors'
         cb_state = {cb.name: cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')}
         meta['state'] = json.dumps({'epoch': self.epoch, 'n_epoch': self.n_epoch, 'train_iter': self.train_iter,
                                     'opt': opt_meta, 'rng': rng_meta, 'callbacks': cb_state})
-    return _atomic_save_file(tensors, path, meta)
+    with atomic_write(path) as tmp: save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
 
 # %% ../nbs/02_training.ipynb #2f9f5f8d
 def _read(path):

@@ -17,8 +17,8 @@ from bigmodel_nb.data import TensorLoader, image_dataloaders
 from bigmodel_nb.learner import (Callback, CancelBackwardException, CancelBatchException, CancelEpochException,
                                  CancelFitException, CancelStepException, CancelTrainException, CancelValidateException,
                                  Checkpoint, EarlyStopping, GradientClip, Learner, MixedPrecision, accuracy,
-                                 confusion_matrix, digits_cnn, f1_score, perplexity, precision, recall, sched_cos,
-                                 sched_one_cycle)
+                                 StopAfter, TimeBudget, accuracy_on, confusion_matrix, digits_cnn, f1_score, perplexity,
+                                 precision, recall, sched_cos, sched_one_cycle)
 
 torch.set_num_threads(1)
 
@@ -38,13 +38,6 @@ def lin_learner(cbs=None, lr=0.05, **kw):
     torch.manual_seed(0)
     return Learner(nn.Linear(3, 1), linear_data(), F.mse_loss, torch.optim.SGD, lr=lr, cbs=cbs, progress=False,
                    device='cpu', **kw)
-
-
-class StopAfter(Callback):
-    order = 40
-    def __init__(self, n): self.n = n
-    def after_epoch(self):
-        if self.learn.epoch + 1 >= self.n: raise CancelFitException
 
 
 def weights(learn): return {k: v.clone() for k, v in learn.model.state_dict().items()}
@@ -90,9 +83,9 @@ def test_resume_with_torch_dataloader(tmp_path):
                                valid=torch.utils.data.DataLoader(ds, batch_size=40))
         model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.Linear(8, 1))
         return Learner(model, data, F.mse_loss, lr=1e-2, progress=False, device='cpu')
-    full = make().fit(4)
-    make().fit(4, cbs=[Checkpoint(tmp_path / 'c.safetensors'), StopAfter(2)])
-    resumed = make(5).fit(4, resume=tmp_path / 'c.safetensors')
+    full = make().fit_one_cycle(4)
+    make().fit_one_cycle(4, cbs=[Checkpoint(tmp_path / 'c.safetensors'), StopAfter(2)])
+    resumed = make(5).fit_one_cycle(4, resume=tmp_path / 'c.safetensors')
     assert_same(weights(full), weights(resumed))
 
 
@@ -147,7 +140,7 @@ def test_atomic_write_hard_crash_keeps_old(tmp_path):
     assert r.returncode == 3, r.stderr
     assert 'saved' in r.stdout
     leftovers = [p for p in tmp_path.iterdir() if p.name != 'ck.safetensors']
-    assert len(leftovers) == 1 and leftovers[0].name.endswith('.tmp')  # the half-written temp file
+    assert len(leftovers) == 1 and '.tmp-' in leftovers[0].name  # the half-written temp file
     one_epoch = lin_learner().fit(1, sched=None)
     assert_same(weights(lin_learner().load(ck)), weights(one_epoch))
     with pytest.raises(ValueError, match='not a readable safetensors'): lin_learner().load(leftovers[0])
@@ -227,7 +220,7 @@ def test_schedules_match_torch():
 
 
 def test_recorder_lrs_follow_schedule():
-    l = lin_learner().fit(3, lr=0.1)
+    l = lin_learner().fit_one_cycle(3, 0.1)
     total = 3 * len(l.data.train)
     assert l.recorder.lrs == [sched_one_cycle(i, total, 0.1) for i in range(total)]
 
@@ -349,3 +342,35 @@ def test_bad_inputs(tmp_path, digits):
     two = cnn_learner(digits)
     two.opt = torch.optim.AdamW([{'params': list(two.model.parameters())[:2]}, {'params': list(two.model.parameters())[2:]}])
     with pytest.raises(ValueError, match='optimizer state'): two.load(tmp_path / 'cnn.safetensors')
+
+
+def test_fit_is_constant_fit_one_cycle_is_not():
+    assert set(lin_learner().fit(2, 0.1).recorder.lrs) == {0.1}
+    l = lin_learner().fit_one_cycle(2, 0.1); total = 2 * len(l.data.train)
+    assert l.recorder.lrs == [sched_one_cycle(i, total, 0.1) for i in range(total)]
+
+
+def test_time_budget_survives_a_checkpoint(tmp_path):
+    "A resumed run gets only the rest of its budget: the time used before the stop is in the checkpoint."
+    import time
+    class Slow(Callback):
+        def after_batch(self): time.sleep(0.01)
+    ck = tmp_path / 'c.safetensors'
+    lin_learner(cbs=[Slow(), TimeBudget(3600)]).fit_one_cycle(3, 0.1, cbs=[Checkpoint(ck), StopAfter(2)])
+    tb = TimeBudget(3600)
+    l = lin_learner(cbs=[tb, StopAfter(3)])
+    used = []
+    class Spy(Callback):
+        order = 50
+        def before_epoch(self): used.append(tb.progress() * tb.seconds)
+    l.fit_one_cycle(3, 0.1, cbs=Spy(), resume=ck)
+    assert used[0] >= 2 * 4 * 0.01  # two epochs of four slowed batches were already spent
+
+
+def test_accuracy_on_module_and_function(digits):
+    torch.manual_seed(0)
+    m = digits_cnn().train()
+    acc = accuracy_on(m, digits.test)
+    assert m.training  # mode restored
+    assert acc == accuracy_on(lambda x: m.eval()(x).numpy(), digits.test)
+    with pytest.raises(ValueError, match='no items'): accuracy_on(m, [])
