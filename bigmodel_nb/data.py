@@ -7,78 +7,18 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/data.html.md"""
 # %% auto #0
 __all__ = ['FASHION_CLASSES', 'FASHION_URL', 'FASHION_FILES', 'FASHION_SYSTEM', 'DIGITS_CLASSES', 'CIFAR_CLASSES', 'CIFAR_URL',
            'CIFAR_SHA256', 'SHAKESPEARE_POEMS', 'SHAKESPEARE_URL', 'SHAKESPEARE_SHA256', 'IMAGE_LOADERS',
-           'AUGMENT_DEFAULTS', 'TensorLoader', 'DataLoaders', 'DataSourceError', 'CorruptDataError', 'cache_dir',
-           'sha256_file', 'offline', 'download_url', 'read_idx', 'write_idx', 'load_fashion_mnist', 'stratified_split',
-           'load_digits', 'write_cifar_batches', 'load_cifar10', 'SourcedText', 'load_shakespeare', 'CharTokenizer',
-           'text_dataloaders', 'RandomCropFlip', 'channel_stats', 'normalize', 'image_dataloaders']
+           'AUGMENT_DEFAULTS', 'DataSourceError', 'CorruptDataError', 'cache_dir', 'sha256_file', 'offline',
+           'download_url', 'read_idx', 'write_idx', 'load_fashion_mnist', 'stratified_split', 'load_digits',
+           'write_cifar_batches', 'load_cifar10', 'SourcedText', 'load_shakespeare', 'CharTokenizer', 'TensorLoader',
+           'DataLoaders', 'text_dataloaders', 'RandomCropFlip', 'channel_stats', 'normalize', 'image_dataloaders']
 
 # %% ../nbs/01_data.ipynb #4f1f3405
-import gzip, hashlib, importlib.util, io, os, pickle, shutil, struct, tarfile, tempfile, time, urllib.request, zlib
+import copy, gzip, hashlib, importlib.util, os, pickle, shutil, struct, tarfile, urllib.request, zlib
 from pathlib import Path
 from types import SimpleNamespace
 import numpy as np
 import torch
-
-# %% ../nbs/01_data.ipynb #3c47fa82
-def _take(t:torch.Tensor, idx:torch.Tensor) -> torch.Tensor:
-    "Rows `idx` of `t`: numpy's gather on CPU (no thread pool), else `index_select`"
-    if t.device.type == 'cpu' and not t.requires_grad:
-        try: return torch.from_numpy(np.take(t.numpy(), idx.numpy(), axis=0))
-        except TypeError: pass  # dtypes numpy lacks, e.g. bfloat16
-    return t.index_select(0, idx.to(t.device))
-
-# %% ../nbs/01_data.ipynb #809f7dc0
-class TensorLoader:
-    "Batches `(xb, yb)` sliced from in-memory tensors, reshuffled reproducibly each epoch"
-    def __init__(self,
-                 x:torch.Tensor, # inputs, first dimension is the sample
-                 y:torch.Tensor, # targets, same length as `x`
-                 batch_size:int=64, # samples per batch
-                 shuffle:bool=False, # new order each epoch, drawn from `seed` and the epoch counter
-                 seed:int=0, # seed of the shuffle
-                 transform=None, # function applied to each x batch (e.g. augmentation)
-                 drop_last:bool=False): # drop the last, smaller batch
-        if len(x) != len(y): raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
-        self.x,self.y,self.batch_size,self.shuffle,self.seed = x,y,batch_size,shuffle,seed
-        self.transform,self.drop_last,self.epoch = transform,drop_last,0
-
-    def __len__(self):
-        n = len(self.x)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def order(self, epoch:int): # the epoch whose order to return
-        "The sample order of `epoch` (a permutation when shuffling)"
-        if not self.shuffle: return None
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.x), generator=g)
-
-    def __iter__(self):
-        idx = self.order(self.epoch)
-        self.epoch += 1
-        bs = self.batch_size
-        for i in range(len(self)):
-            if idx is None: xb,yb = self.x[i*bs:(i+1)*bs],self.y[i*bs:(i+1)*bs]
-            else: b = idx[i*bs:(i+1)*bs]; xb,yb = _take(self.x, b),_take(self.y, b)
-            if self.transform is not None: xb = self.transform(xb)
-            yield xb,yb
-
-    def __repr__(self): return f"TensorLoader(n={len(self.x)}, batch_size={self.batch_size}, shuffle={self.shuffle}, batches={len(self)})"
-
-# %% ../nbs/01_data.ipynb #0d2caffb
-class DataLoaders:
-    "The train, valid and (optional) test loaders of a data set, with its metadata"
-    def __init__(self,
-                 train:TensorLoader, # loader of the training split
-                 valid:TensorLoader, # loader of the validation split
-                 test:TensorLoader=None, # loader of the test split
-                 classes:list=None, # class names (or vocabulary)
-                 mean:torch.Tensor=None, # per-channel mean used to normalize
-                 std:torch.Tensor=None): # per-channel std used to normalize
-        self.train,self.valid,self.test,self.classes,self.mean,self.std = train,valid,test,classes,mean,std
-
-    def __repr__(self):
-        n = lambda l: 0 if l is None else len(l.x)
-        return f"DataLoaders(train={n(self.train)}, valid={n(self.valid)}, test={n(self.test)}, classes={None if self.classes is None else len(self.classes)})"
+from fastcore.basics import patch
 
 # %% ../nbs/01_data.ipynb #630fc34e
 class DataSourceError(FileNotFoundError):
@@ -233,11 +173,13 @@ def _download_fashion(dest):
 
 # %% ../nbs/01_data.ipynb #4813e730
 def load_fashion_mnist(path=None, # folder with the four IDX files (.gz or raw); else the source chain
-                       verbose:bool=True): # print which source was used
+                       verbose:bool=True, # print which source was used
+                       system=None): # the system copy's folder tried in the chain; defaults to `FASHION_SYSTEM` (Debian's)
     "Fashion-MNIST as uint8 tensors (N,1,28,28) and int64 labels, from the first source in the chain that has it"
     if path is not None: return _read_fashion(path, f"path {path}")
-    system = (f"system copy {FASHION_SYSTEM}", lambda: _read_fashion(FASHION_SYSTEM, f"system copy {FASHION_SYSTEM} (Debian dataset-fashion-mnist)"))
-    sources = _source_chain('BIGMODEL_NB_FASHION_MNIST', cache_dir()/'fashion_mnist', _read_fashion, _download_fashion, FASHION_URL, [system])
+    system = Path(system) if system is not None else FASHION_SYSTEM
+    local = (f"system copy {system}", lambda: _read_fashion(system, f"system copy {system} (Debian dataset-fashion-mnist)"))
+    sources = _source_chain('BIGMODEL_NB_FASHION_MNIST', cache_dir()/'fashion_mnist', _read_fashion, _download_fashion, FASHION_URL, [local])
     ds,_ = _first_source('Fashion-MNIST', sources, "sudo apt-get install dataset-fashion-mnist  (or set BIGMODEL_NB_FASHION_MNIST to a folder with the four IDX files)", verbose=False)
     if verbose: print(f"Fashion-MNIST: {ds.source}")
     return ds
@@ -431,6 +373,67 @@ class CharTokenizer:
 
     def __repr__(self): return f"CharTokenizer(vocab_size={self.vocab_size})"
 
+# %% ../nbs/01_data.ipynb #3c47fa82
+def _take(t:torch.Tensor, idx:torch.Tensor) -> torch.Tensor:
+    "Rows `idx` of `t`: numpy's gather on CPU (no thread pool), else `index_select`"
+    if t.device.type == 'cpu' and not t.requires_grad:
+        try: return torch.from_numpy(np.take(t.numpy(), idx.numpy(), axis=0))
+        except TypeError: pass  # dtypes numpy lacks, e.g. bfloat16
+    return t.index_select(0, idx.to(t.device))
+
+# %% ../nbs/01_data.ipynb #809f7dc0
+class TensorLoader:
+    "Batches `(xb, yb)` sliced from in-memory tensors, reshuffled reproducibly each epoch"
+    def __init__(self,
+                 x:torch.Tensor, # inputs, first dimension is the sample
+                 y:torch.Tensor, # targets, same length as `x`
+                 batch_size:int=64, # samples per batch
+                 shuffle:bool=False, # new order each epoch, drawn from `seed` and the epoch counter
+                 seed:int=0, # seed of the shuffle
+                 transform=None, # function applied to each x batch (e.g. augmentation)
+                 drop_last:bool=False): # drop the last, smaller batch
+        if len(x) != len(y): raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
+        self.x,self.y,self.batch_size,self.shuffle,self.seed = x,y,batch_size,shuffle,seed
+        self.transform,self.drop_last,self.epoch = transform,drop_last,0
+
+    def __len__(self):
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch:int): # the epoch whose order to return
+        "The sample order of `epoch` (a permutation when shuffling)"
+        if not self.shuffle: return None
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.x), generator=g)
+
+    def __iter__(self):
+        idx = self.order(self.epoch)
+        self.epoch += 1
+        bs = self.batch_size
+        for i in range(len(self)):
+            if idx is None: xb,yb = self.x[i*bs:(i+1)*bs],self.y[i*bs:(i+1)*bs]
+            else: b = idx[i*bs:(i+1)*bs]; xb,yb = _take(self.x, b),_take(self.y, b)
+            if self.transform is not None: xb = self.transform(xb)
+            yield xb,yb
+
+    def __repr__(self): return f"TensorLoader(n={len(self.x)}, batch_size={self.batch_size}, shuffle={self.shuffle}, batches={len(self)})"
+
+# %% ../nbs/01_data.ipynb #0d2caffb
+class DataLoaders:
+    "The train, valid and (optional) test loaders of a data set, with its metadata"
+    def __init__(self,
+                 train:TensorLoader, # loader of the training split
+                 valid:TensorLoader, # loader of the validation split
+                 test:TensorLoader=None, # loader of the test split
+                 classes:list=None, # class names (or vocabulary)
+                 mean:torch.Tensor=None, # per-channel mean used to normalize
+                 std:torch.Tensor=None): # per-channel std used to normalize
+        self.train,self.valid,self.test,self.classes,self.mean,self.std = train,valid,test,classes,mean,std
+
+    def __repr__(self):
+        n = lambda l: 0 if l is None else len(l.x)
+        return f"DataLoaders(train={n(self.train)}, valid={n(self.valid)}, test={n(self.test)}, classes={None if self.classes is None else len(self.classes)})"
+
 # %% ../nbs/01_data.ipynb #af454a50
 def text_dataloaders(text:str, # the corpus
                      seq_len:int=64, # characters per sample
@@ -462,17 +465,20 @@ class RandomCropFlip:
         self.padding,self.flip,self.g = padding,flip,torch.Generator().manual_seed(seed)
 
     def __call__(self, x:torch.Tensor) -> torch.Tensor: # batch (B,C,H,W)
+        "The augmented batch; `self.offsets` (B, 2: row, column) and `self.flips` (B,) hold the choices made"
         B,C,H,W = x.shape
         p = self.padding
+        self.offsets,self.flips = torch.zeros(B, 2, dtype=torch.long),torch.zeros(B, dtype=torch.bool)
         if p > 0:
             xp = torch.nn.functional.pad(x, (p, p, p, p))
             oy = torch.randint(0, 2*p+1, (B,), generator=self.g); ox = torch.randint(0, 2*p+1, (B,), generator=self.g)
             rows = (oy[:, None] + torch.arange(H))[:, None, :, None]
             cols = (ox[:, None] + torch.arange(W))[:, None, None, :]
             x = xp[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
+            self.offsets = torch.stack([oy, ox], 1)
         if self.flip:
-            m = torch.rand(B, generator=self.g) < 0.5
-            x = torch.where(m[:, None, None, None], x.flip(-1), x)
+            self.flips = torch.rand(B, generator=self.g) < 0.5
+            x = torch.where(self.flips[:, None, None, None], x.flip(-1), x)
         return x
 
 # %% ../nbs/01_data.ipynb #58e249ab
@@ -522,3 +528,38 @@ def image_dataloaders(name:str='fashion_mnist', # 'fashion_mnist', 'digits' or '
     dls.source = ds.source
     if verbose: print(f"{name}: {len(tr)} train, {len(va)} valid, {len(te)} test images")
     return dls
+
+# %% ../nbs/01_data.ipynb #f428b66e
+@patch
+def one_batch(self:DataLoaders, split:str='train'): # 'train', 'valid' or 'test'
+    "The batch `(x, y)` the `split` loader serves next, drawn from a copy so the loader itself does not advance"
+    dl = getattr(self, split, None)
+    if dl is None: raise ValueError(f"one_batch: these DataLoaders have no {split!r} loader; use 'train', 'valid' or 'test'")
+    dl = copy.copy(dl); dl.transform = copy.deepcopy(dl.transform)   # shares the tensors; its own epoch and random state
+    return next(iter(dl))
+
+# %% ../nbs/01_data.ipynb #857b1c0d
+@patch
+def show_batch(self:DataLoaders, b=None, # a batch `(x, y)`: labels as class indices or titles as strings; default `one_batch(split)`
+               max_n:int=24, # images shown at most
+               ncols:int=8, # images per row
+               size:float=1.3, # inches per image
+               split:str='train'): # the loader `one_batch` reads when `b` is None
+    "Draw a grid of images (normalisation undone) with their class names or titles; returns the figure"
+    import matplotlib.pyplot as plt
+    x,y = b if b is not None else self.one_batch(split)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"show_batch draws image batches (N, C, H, W); got {type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
+    x = x[:max_n].detach().float().cpu()
+    if self.mean is not None: x = x * torch.as_tensor(self.std)[:, None, None] + torch.as_tensor(self.mean)[:, None, None]
+    n = len(x); ncols = min(ncols, n); nrows = -(-n // ncols)
+    fig,axs = plt.subplots(nrows, ncols, figsize=(ncols*size, nrows*size*1.15), squeeze=False)
+    for i,ax in enumerate(axs.flat):
+        ax.axis('off')
+        if i >= n: continue
+        ax.imshow(x[i].permute(1, 2, 0).clamp(0, 1).numpy() if x.shape[1] == 3 else x[i, 0].numpy(), cmap='gray_r')
+        if y is not None:
+            t = y[i]; t = t if isinstance(t, str) else self.classes[int(t)] if self.classes is not None else str(int(t))
+            ax.set_title(t, fontsize=8)
+    plt.tight_layout()
+    return fig

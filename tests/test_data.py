@@ -219,6 +219,64 @@ def test_augment_changes_train_batches_only():
     assert dls.valid.transform is None and dls.test.transform is None
 
 
+
+def _explicit_crop_flip(x, p, offsets, flips):
+    "Reference for RandomCropFlip: pad each image by hand, slice its window, mirror it when asked"
+    B,C,H,W = x.shape
+    out = []
+    for i in range(B):
+        xp = torch.zeros(C, H + 2*p, W + 2*p, dtype=x.dtype); xp[:, p:p+H, p:p+W] = x[i]
+        r,c = offsets[i].tolist()
+        crop = xp[:, r:r+H, c:c+W]
+        out.append(crop.flip(-1) if bool(flips[i]) else crop)
+    return torch.stack(out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 3), st.integers(2, 9), st.integers(2, 9), st.integers(1, 3), st.booleans(), st.integers(0, 2**16))
+def test_random_crop_flip_is_an_explicit_crop_and_flip(p, h, w, c, flip, seed):
+    x = torch.randperm(24*c*h*w).float().reshape(24, c, h, w)   # every pixel distinct: no other window or image can match
+    aug = D.RandomCropFlip(padding=p, flip=flip, seed=seed)
+    out = aug(x)
+    assert out.shape == x.shape
+    assert ((aug.offsets >= 0) & (aug.offsets <= 2*p)).all() and (flip or not aug.flips.any())
+    assert out.equal(_explicit_crop_flip(x, p, aug.offsets, aug.flips))
+    if (aug.offsets[:, 0] != aug.offsets[:, 1]).any():            # a row offset used as a column offset must not pass
+        assert not out.equal(_explicit_crop_flip(x, p, aug.offsets.flip(1), aug.flips))
+    assert D.RandomCropFlip(padding=p, flip=flip, seed=seed)(x).equal(out)
+
+
+def test_random_crop_flip_draws_varied_choices():
+    aug = D.RandomCropFlip(padding=2, seed=0)
+    aug(torch.zeros(256, 1, 5, 5))
+    assert len(set(map(tuple, aug.offsets.tolist()))) == 25      # all 5×5 offsets appear in 256 draws
+    assert 90 < int(aug.flips.sum()) < 166                        # about half mirrored
+
+
+def test_one_batch_does_not_advance_the_loader_and_show_batch_draws_it():
+    import matplotlib; matplotlib.use('Agg')
+    dls = image_dataloaders('digits', batch_size=32, augment=True, seed=0, verbose=False)
+    xb,yb = dls.one_batch()
+    assert dls.train.epoch == 0
+    x2,y2 = next(iter(dls.train))                                 # the same augmented batch, really served
+    assert xb.equal(x2) and yb.equal(y2)
+    assert dls.one_batch('valid')[1].equal(dls.valid.y[:64])
+    with pytest.raises(ValueError, match="no 'tset' loader"): dls.one_batch('tset')
+    fig = dls.show_batch(max_n=10, ncols=5)
+    titles = [a.get_title() for a in fig.axes]
+    assert titles == [dls.classes[int(c)] for c in dls.one_batch()[1][:10]]
+    fig = dls.show_batch((xb[:3], ['a', 'b', 'c']))
+    assert [a.get_title() for a in fig.axes if a.get_title()] == ['a', 'b', 'c']
+    with pytest.raises(ValueError, match='image batches'): dls.show_batch((torch.zeros(3, 8, 8), None))
+
+
+def test_fashion_system_argument(tmp_path):
+    f = fashion_fixture(tmp_path/'sys')
+    ds = load_fashion_mnist(verbose=False, system=f)
+    assert ds.source.startswith(f"system copy {f}") and ds.x_train.shape == (30, 1, 28, 28)
+    with pytest.raises(DataSourceError, match='empty-system'): load_fashion_mnist(verbose=False, system=tmp_path/'empty-system')
+
+
 # --- the loader
 
 def test_tensor_loader_determinism():
