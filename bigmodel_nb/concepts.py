@@ -1,4 +1,4 @@
-"""Parameters, bytes, FLOPs and training memory of a model, each calculator checked against real `torch` modules; the scale of famous models from their configs; compute and the tokens a model should see; seeding and device choice.
+"""Parameters, bytes, FLOPs and training memory of a model, each calculator checked against real `torch` modules; the scale of famous models from their configs; compute and the tokens a model should see; seeding, device choice, and the tools every later chapter uses to check, time, tabulate and save.
 
 Docs: https://bigmodel-nb.github.io/bigmodel_nb/concepts.html.md"""
 
@@ -13,7 +13,7 @@ __all__ = ['ARCHITECTURES', 'DTYPE_BYTES', 'KNOWN_CONFIGS', 'OPTIMIZER_STATES', 
            'training_memory', 'activation_bytes', 'training_flops', 'chinchilla_tokens', 'compute_optimal']
 
 # %% ../nbs/00_concepts.ipynb #6e001333
-import os, platform, random, shutil, statistics, subprocess, time, uuid
+import importlib, os, platform, random, shutil, statistics, subprocess, time, uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict, is_dataclass
 from math import prod, sqrt
@@ -66,7 +66,7 @@ def machine_info() -> str:
     return (f"{cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{gpu}, "
             f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}")
 
-# %% ../nbs/00_concepts.ipynb #a8c161ab
+# %% ../nbs/00_concepts.ipynb #dd455271
 def _tensors(o) -> list:
     "The tensors in `o` (a tensor, or nested tuples, lists and dicts of them), in order."
     if isinstance(o, torch.Tensor): return [o]
@@ -74,6 +74,7 @@ def _tensors(o) -> list:
     if isinstance(o, (tuple, list)): return [t for x in o for t in _tensors(x)]
     return []
 
+# %% ../nbs/00_concepts.ipynb #5f04e57f
 def _close(a, b, eps, what):
     "Fail with the largest difference when `a` and `b` differ by more than `eps` anywhere."
     if a.shape != b.shape: raise AssertionError(f"{what}: shape {tuple(a.shape)}, the reference's {tuple(b.shape)}")
@@ -93,6 +94,9 @@ def check_against(ours, # function of the inputs `args`
     for k, (a, b) in enumerate(zip(y1, y2)): _close(a, b, eps, f"output {k}")
     p1, p2 = params if params is not None else ([], [])
     if len(p1) != len(p2): raise AssertionError(f"{len(p1)} parameters of ours to compare with {len(p2)} of the reference")
+    for side, ps in (('ours', p1), ('the reference', p2)):
+        frozen = [k for k, p in enumerate(ps) if not p.requires_grad]
+        if frozen: raise ValueError(f"check_against: parameters {frozen} of {side} do not require grad; pass trainable ones in `params`")
     leaves1 = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + list(p1)
     leaves2 = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + list(p2)
     diff = [(a, b) for a, b in zip(y1, y2) if b.requires_grad and b.is_floating_point()]
@@ -106,7 +110,7 @@ def check_against(ours, # function of the inputs `args`
             if a is not None: _close(a, b, eps, what)
     return out1
 
-# %% ../nbs/00_concepts.ipynb #1d8ecb0a
+# %% ../nbs/00_concepts.ipynb #6c3de699
 def time_calls(f, # function of no arguments (or of `setup()`'s result)
                repeats:int=20, # timed calls
                warmup:int=3, # untimed calls first
@@ -121,6 +125,7 @@ def time_calls(f, # function of no arguments (or of `setup()`'s result)
         t = time.perf_counter(); f(a) if setup is not None else f(); ts.append(time.perf_counter() - t)
     return ts
 
+# %% ../nbs/00_concepts.ipynb #e2797c22
 def time_stats(times) -> dict: # seconds per call
     "Median, 10th and 90th percentile, 99th percentile, minimum and mean of `times`, in seconds."
     t = np.asarray(times, dtype=float)
@@ -155,8 +160,9 @@ def torch_threads(n:int=None): # intra-op threads for the block; None leaves the
     try: yield
     finally: torch.set_num_threads(old)
 
-# %% ../nbs/00_concepts.ipynb #852e3f76
+# %% ../nbs/00_concepts.ipynb #8516827a
 def _cell(v, f) -> str:
+    "Table text of value `v` with format `f` (a format spec, a function or None)."
     if v is None: return '–'
     if callable(f): return str(f(v))
     if f: return format(v, f)
@@ -165,6 +171,7 @@ def _cell(v, f) -> str:
     if isinstance(v, float): return f"{v:.4g}"
     return str(v).replace('|', '\\|')
 
+# %% ../nbs/00_concepts.ipynb #29008a42
 def markdown_table(rows:list, # one dict per row
                    columns:list=None, # keys to show, in order; default: every key, in order of first appearance
                    headers:dict=None, # key -> header text; default: the key
@@ -187,17 +194,29 @@ def atomic_write(path): # the file or folder to (over)write
     try:
         yield tmp
         if not tmp.exists(): raise FileNotFoundError(f"atomic_write: nothing was written to {tmp} (meant for {path})")
-        if tmp.is_file():
-            with open(tmp, 'rb+') as f: os.fsync(f.fileno())  # the bytes reach the disk before the name does
+        for f in [tmp] if tmp.is_file() else sorted(p for p in tmp.rglob('*') if p.is_file()):
+            _fsync(f)  # the bytes reach the disk before the name does
         if tmp.is_dir() and path.is_dir():  # a folder for a folder: the old one steps aside, then goes
             old = path.with_name(f".{path.stem}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old); os.replace(tmp, path); shutil.rmtree(old)
         else: os.replace(tmp, path)
+        _fsync(path.parent)  # and so does the new name
     finally:
         if tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists(): tmp.unlink()
 
-# %% ../nbs/00_concepts.ipynb #fbc694a8
+def _fsync(p):
+    "Flush file or folder `p` to the disk (folders: where the OS allows it)."
+    try: fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        if Path(p).is_dir(): return  # Windows cannot open a folder
+        raise
+    try: os.fsync(fd)
+    except OSError:
+        if not Path(p).is_dir(): raise
+    finally: os.close(fd)
+
+# %% ../nbs/00_concepts.ipynb #9aceb039
 ARCHITECTURES = {}  # name -> dict(cls=, config_cls=, module=)
 
 def register_architecture(cls, # the model class; built as `cls(config_cls(**config))`
@@ -208,6 +227,7 @@ def register_architecture(cls, # the model class; built as `cls(config_cls(**con
     ARCHITECTURES[name or cls.__name__] = dict(cls=cls, config_cls=config_cls, module=cls.__module__)
     return cls
 
+# %% ../nbs/00_concepts.ipynb #26c89f55
 def architecture_of(model:nn.Module) -> dict: # a model of a registered class
     "The JSON-able description of `model`'s architecture: its registered name, config and defining module."
     for name, a in ARCHITECTURES.items():
@@ -220,8 +240,10 @@ def architecture_of(model:nn.Module) -> dict: # a model of a registered class
 def build_architecture(arch:dict) -> nn.Module: # from `architecture_of`
     "A new model (fresh weights) of the architecture `arch` describes."
     name = arch.get('name') if isinstance(arch, dict) else None
-    if name not in ARCHITECTURES and str(arch.get('module', '') if isinstance(arch, dict) else '').startswith('bigmodel_nb.'):
-        import importlib; importlib.import_module(arch['module'])  # a chapter's module registers its models when imported
+    module = str(arch.get('module', '')) if isinstance(arch, dict) else ''
+    if name not in ARCHITECTURES and module.startswith('bigmodel_nb.'):
+        try: importlib.import_module(module)  # a chapter's module registers its models when imported
+        except ImportError as e: raise ValueError(f"architecture {name!r}: its module {module} cannot be imported ({e})") from e
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r} (known: {', '.join(ARCHITECTURES) or 'none'}); "
                          "import the module that defines and registers it")
@@ -291,38 +313,48 @@ def model_size_bytes(model,              # an `nn.Module`, or a parameter count
         if dtype is None: dtype = 'float32'
     return int(np.ceil(n * dtype_bytes(dtype)))
 
-# %% ../nbs/00_concepts.ipynb #e4258d55
-def human_count(n:float) -> str:
-    "`n` with a K/M/B/T suffix, e.g. 124.4M."
+# %% ../nbs/00_concepts.ipynb #5821f7f1
+def human_count(n:float, # a count, e.g. of parameters or tokens
+               ) -> str:
+    "`n` with a K/M/B/T suffix (powers of 1,000), e.g. 124.4M."
     for div, unit in [(1e12, 'T'), (1e9, 'B'), (1e6, 'M'), (1e3, 'K')]:
         if abs(n) >= div: return f"{n/div:.1f}{unit}"
     return f"{n:g}"
 
-def human_bytes(n:float) -> str:
-    "`n` bytes in binary units, e.g. 1.5 GiB."
+# %% ../nbs/00_concepts.ipynb #b57cb7fd
+def human_bytes(n:float, # a size in bytes
+               ) -> str:
+    "`n` bytes in binary units (powers of 1,024), e.g. 1.5 GiB."
     for div, unit in [(2**40, 'TiB'), (2**30, 'GiB'), (2**20, 'MiB'), (2**10, 'KiB')]:
         if abs(n) >= div: return f"{n/div:.1f} {unit}"
     return f"{n:g} B"
 
-# %% ../nbs/00_concepts.ipynb #7b1a51c7
+# %% ../nbs/00_concepts.ipynb #72848471
+def _linear_flops(m, x):
+    "FLOPs of `Linear` `m` on input `x`: 2 per multiply-add, one multiply-add per input feature, row and output."
+    return 2 * (x.numel() // m.in_features) * m.in_features * m.out_features
+
+# %% ../nbs/00_concepts.ipynb #e20fef84
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-def _linear_flops(m, x): return 2 * (x.numel() // m.in_features) * m.in_features * m.out_features
+def _conv_flops(m, x, out):
+    "FLOPs of convolution `m` that turned `x` into `out`: each output element is a dot product over its kernel."
+    return 2 * out.numel() * (m.in_channels // m.groups) * prod(m.kernel_size)
 
-def _conv_flops(m, x, out): return 2 * out.numel() * (m.in_channels // m.groups) * prod(m.kernel_size)
+# %% ../nbs/00_concepts.ipynb #e7cabee5
+def _as_input(model, x):
+    "`x` itself if it is a tensor, else a float batch of zeros of shape `x`."
+    if isinstance(x, torch.Tensor): return x
+    shape = (x,) if isinstance(x, int) else x
+    if (not isinstance(shape, (tuple, list)) or not shape
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise ValueError(f"input shape must be a tuple of positive ints, batch first, e.g. (1, 3, 32, 32); got {x!r}")
+    p = next(iter(model.parameters()), None)
+    float_param = p is not None and p.is_floating_point()
+    return torch.zeros(shape, device=p.device if p is not None else 'cpu',
+                       dtype=p.dtype if float_param else torch.get_default_dtype())
 
-def _mha_dims(m, q, k):
-    "Batch, query length and key length of a `MultiheadAttention` call."
-    if q.dim() == 2: return 1, q.shape[0], k.shape[0]
-    if m.batch_first: return q.shape[0], q.shape[1], k.shape[1]
-    return q.shape[1], q.shape[0], k.shape[0]
-
-def _mha_flops(m, q, k):
-    B, L, S = _mha_dims(m, q, k)
-    E = m.embed_dim
-    projections = 2 * B * (L * E * E + S * m.kdim * E + S * m.vdim * E)
-    return projections + 2 * 2 * B * L * S * E + 2 * B * L * E * E
-
+# %% ../nbs/00_concepts.ipynb #0e1002d4
 def _check_input(name, m, x):
     "Raise a clear error when layer `m` cannot take `x`."
     got = tuple(x.shape)
@@ -338,19 +370,7 @@ def _check_input(name, m, x):
     if isinstance(m, nn.MultiheadAttention) and (x.dim() not in (2, 3) or x.shape[-1] != m.embed_dim):
         raise ValueError(f"layer {name!r} (MultiheadAttention) expects queries of width {m.embed_dim}, got shape {got}")
 
-def _as_input(model, x):
-    "`x` itself if it is a tensor, else a float batch of zeros of shape `x`."
-    if isinstance(x, torch.Tensor): return x
-    shape = (x,) if isinstance(x, int) else x
-    if (not isinstance(shape, (tuple, list)) or not shape
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-        raise ValueError(f"input shape must be a tuple of positive ints, batch first, e.g. (1, 3, 32, 32); got {x!r}")
-    p = next(iter(model.parameters()), None)
-    float_param = p is not None and p.is_floating_point()
-    return torch.zeros(shape, device=p.device if p is not None else 'cpu',
-                       dtype=p.dtype if float_param else torch.get_default_dtype())
-
-# %% ../nbs/00_concepts.ipynb #4c1e43af
+# %% ../nbs/00_concepts.ipynb #a4277913
 def flops_by_module(model:nn.Module, # the model
                     x,               # one input batch, or its shape (then a float batch of zeros is used)
                     *args,           # more inputs for `model`, after `x`
@@ -385,6 +405,7 @@ def flops_by_module(model:nn.Module, # the model
         for h in handles: h.remove()
     return flops
 
+# %% ../nbs/00_concepts.ipynb #f1c46805
 def forward_flops(model:nn.Module, # the model
                   x,               # one input batch, or its shape (then a float batch of zeros is used)
                   *args,           # more inputs for `model`, after `x`
@@ -392,6 +413,20 @@ def forward_flops(model:nn.Module, # the model
                  ) -> int:
     "FLOPs (2 per multiply-add) of the matrix products in one forward pass of `model` on `x`."
     return sum(flops_by_module(model, x, *args, **kwargs).values())
+
+# %% ../nbs/00_concepts.ipynb #06c1d8f4
+def _mha_dims(m, q, k):
+    "Batch, query length and key length of a `MultiheadAttention` call."
+    if q.dim() == 2: return 1, q.shape[0], k.shape[0]
+    if m.batch_first: return q.shape[0], q.shape[1], k.shape[1]
+    return q.shape[1], q.shape[0], k.shape[0]
+
+# %% ../nbs/00_concepts.ipynb #e3f79e60
+def _mha_flops(m, q, k):
+    B, L, S = _mha_dims(m, q, k)
+    E = m.embed_dim
+    projections = 2 * B * (L * E * E + S * m.kdim * E + S * m.vdim * E)
+    return projections + 2 * 2 * B * L * S * E + 2 * B * L * E * E
 
 # %% ../nbs/00_concepts.ipynb #27d4b861
 @dataclass
@@ -473,7 +508,7 @@ KNOWN_CONFIGS = {
     'GPT-3 175B':   TransformerConfig(50257, 2048, 12288, 96, 96),
 }
 
-# %% ../nbs/00_concepts.ipynb #d9f22131
+# %% ../nbs/00_concepts.ipynb #ef062b56
 OPTIMIZER_STATES = {'sgd': 0, 'momentum': 1, 'adam': 2, 'adamw': 2}  # state tensors per parameter
 
 def optimizer_state_bytes(optimizer:torch.optim.Optimizer, # a real optimizer, after at least one `step()`
@@ -481,6 +516,7 @@ def optimizer_state_bytes(optimizer:torch.optim.Optimizer, # a real optimizer, a
     "Bytes of all the tensors in `optimizer.state`."
     return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
+# %% ../nbs/00_concepts.ipynb #21e6cf6d
 def training_memory(model,            # an `nn.Module`, or a parameter count (all trainable)
                     optimizer:str='adam', # 'sgd', 'momentum', 'adam' or 'adamw'
                     dtype=None,       # dtype of weights, gradients and state; None: the module's own (float32 for a count)
@@ -530,7 +566,7 @@ def training_flops(n_params:float,   # parameters that multiply (N)
     if n_params < 0 or n_tokens < 0: raise ValueError(f"n_params and n_tokens must be >= 0, got {n_params}, {n_tokens}")
     return 6 * n_params * n_tokens + 12 * n_layers * n_ctx * d_model * n_tokens
 
-# %% ../nbs/00_concepts.ipynb #456983a2
+# %% ../nbs/00_concepts.ipynb #960c595e
 def chinchilla_tokens(n_params:float,            # model parameters (N)
                       tokens_per_param:float=20, # Chinchilla's ratio
                      ) -> float:
@@ -538,6 +574,7 @@ def chinchilla_tokens(n_params:float,            # model parameters (N)
     if np.any(np.asarray(n_params) < 0): raise ValueError(f"n_params must be >= 0, got {n_params}")
     return tokens_per_param * n_params
 
+# %% ../nbs/00_concepts.ipynb #e457b88a
 def compute_optimal(compute:float,             # training budget in FLOPs (C)
                     tokens_per_param:float=20, # Chinchilla's ratio
                    ) -> tuple:

@@ -1,5 +1,7 @@
 "Property tests of `bigmodel_nb.concepts`: every calculator against what torch really builds, runs or allocates."
-import random
+import json, random, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,10 +11,16 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import torch.nn.functional as F
+
+import bigmodel_nb
+import bigmodel_nb.concepts as concepts
 from bigmodel_nb.concepts import (
-    KNOWN_CONFIGS, TransformerConfig, TransformerLM, activation_bytes, chinchilla_tokens, compute_optimal,
-    count_parameters, default_device, dtype_bytes, forward_flops, model_size_bytes, optimizer_state_bytes, set_seed,
-    training_flops, training_memory, transformer_params)
+    ARCHITECTURES, KNOWN_CONFIGS, TransformerConfig, TransformerLM, activation_bytes, architecture_of, atomic_write,
+    build_architecture, check_against, chinchilla_tokens, compute_optimal, count_parameters, cpu_name, default_device,
+    dtype_bytes, forward_flops, interleaved_rounds, machine_info, markdown_table, model_size_bytes,
+    optimizer_state_bytes, register_architecture, set_seed, time_calls, time_stats, torch_threads, training_flops,
+    training_memory, transformer_params)
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -199,3 +207,221 @@ def test_default_device_order(monkeypatch):
 def test_errors_say_what_was_expected(call, message):
     with pytest.raises(ValueError) as err: call()
     assert message in str(err.value)
+
+
+# --- the tools every chapter uses ------------------------------------------------------------------------------------
+
+def test_check_against_passes_on_the_same_function_and_catches_a_wrong_output():
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    out = check_against(torch.tanh, lambda x: torch.tanh(x), x)
+    assert torch.equal(out, torch.tanh(x))
+    with pytest.raises(AssertionError, match=r'output 0 differs from the reference: max \|Δ\| = '):
+        check_against(lambda x: torch.tanh(x) + 1e-6, torch.tanh, x)
+    with pytest.raises(AssertionError, match='ours returned 2 tensors, the reference 1'):
+        check_against(lambda x: (torch.tanh(x), x), torch.tanh, x)
+    with pytest.raises(AssertionError, match=r"output 0: shape \(4, 5\), the reference's \(5, 4\)"):
+        check_against(torch.tanh, lambda x: torch.tanh(x).T, x)
+
+
+def test_check_against_catches_a_wrong_input_gradient():
+    "The same values, but a gradient off by 1e-4 per element: only the backward check can see it."
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    wrong = lambda x: torch.tanh(x) + (x - x.detach()) * 1e-4
+    with pytest.raises(AssertionError, match='gradient of input 0 differs'): check_against(wrong, torch.tanh, x)
+    # of two inputs, the second one's gradient is wrong, and the message says which
+    y = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(AssertionError, match='gradient of input 1 differs'):
+        check_against(lambda a, b: a * b + (b - b.detach()) * 1e-4, lambda a, b: a * b, x, y)
+
+
+def test_check_against_catches_a_wrong_parameter_gradient():
+    torch.manual_seed(0)
+    ours, ref = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    params = (list(ours.parameters()), list(ref.parameters()))
+    check_against(ours, ref, x, params=params)
+    def bad(x):  # the same outputs, but the weight's gradient is 1.001 times what it should be
+        return F.linear(x, ours.weight * 1.001 - ours.weight.detach() * 0.001, ours.bias)
+    with pytest.raises(AssertionError, match='gradient of parameter 0 differs'): check_against(bad, ref, x, params=params)
+    check_against(bad, ref, x)  # without `params` the weights' gradients are not compared: it passes
+    with pytest.raises(AssertionError, match='2 parameters of ours to compare with 1 of the reference'):
+        check_against(ours, ref, x, params=(params[0], params[1][:1]))
+    with torch.no_grad(): ours.bias.zero_(); ref.bias.zero_()
+    with pytest.raises(AssertionError, match='gradient of parameter 1: ours has none'):  # ours forgot the bias
+        check_against(lambda x: F.linear(x, ours.weight), ref, x, params=params)
+    ref.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r'parameters \[0\] of the reference do not require grad'):
+        check_against(ours, ref, x, params=params)
+
+
+def test_time_calls_and_stats():
+    ts = time_calls(lambda: time.sleep(0.001), repeats=4, warmup=0)
+    assert len(ts) == 4 and all(t >= 0.001 for t in ts)
+    s = time_stats([4., 1., 3., 2.])
+    assert (s['median'], s['min'], s['mean'], s['n']) == (2.5, 1., 2.5, 4)
+    with pytest.raises(ValueError, match='repeats must be at least 1'): time_calls(lambda: 0, repeats=0)
+
+
+def test_interleaved_rounds_order():
+    "Each contender goes first and last equally often: the order rotates, and reverses after a full rotation."
+    log = []
+    runners = {n: (lambda n=n: log.append(n)) for n in 'abc'}
+    times = interleaved_rounds(runners, rounds=6, repeats=1, warmup=0)
+    rounds = [log[i:i + 3] for i in range(0, 18, 3)]
+    assert rounds == [list('abc'), list('bca'), list('cab'), list('cba'), list('acb'), list('bac')]
+    for pos in range(3): assert sorted(r[pos] for r in rounds) == list('aabbcc')
+    assert {n: len(v) for n, v in times.items()} == {'a': 6, 'b': 6, 'c': 6}
+    # repeats and warm-up calls happen within the turn: a turn is warmup + repeats calls in a row
+    log.clear(); interleaved_rounds(runners, rounds=2, repeats=2, warmup=1)
+    assert log == list('aaabbbccc') + list('bbbcccaaa')
+    with pytest.raises(ValueError, match='no contenders'): interleaved_rounds({})
+
+
+def test_interleaved_rounds_setups_are_not_timed():
+    made = []
+    def setup(): time.sleep(0.1); made.append(1); return len(made)
+    got = []
+    times = interleaved_rounds({'x': got.append}, rounds=2, repeats=2, warmup=0, setups={'x': setup})
+    assert got == [1, 2, 3, 4]  # each call got its own set-up's result
+    assert max(times['x']) < 0.05  # the 0.1 s set-ups are not in the times
+
+
+def test_torch_threads_restores():
+    before = torch.get_num_threads(); other = 1 if before != 1 else 2
+    with pytest.raises(RuntimeError):
+        with torch_threads(other):
+            assert torch.get_num_threads() == other
+            raise RuntimeError('boom')
+    assert torch.get_num_threads() == before
+
+
+def test_markdown_table():
+    rows = [dict(model='LeNet', params=61706, acc=0.8978, note=None), dict(model='a | b', acc=0.5, note='x', params=7)]
+    t = markdown_table(rows, headers={'acc': 'accuracy (%)'}, fmt={'acc': lambda v: f'{100 * v:.1f}'})
+    assert t.splitlines() == ['| model | params | accuracy (%) | note |',
+                              '|---|---:|---:|---|',
+                              '| LeNet | 61,706 | 89.8 | – |',
+                              '| a \\| b | 7 | 50.0 | x |']
+    assert markdown_table(rows, columns=['acc', 'model']).splitlines()[2] == '| 0.8978 | LeNet |'
+    assert markdown_table([dict(ok=True, t=1.23456e-5)], fmt={'t': '.2e'}).splitlines()[2] == '| True | 1.23e-05 |'
+
+
+def test_atomic_write_sigkill_mid_write_keeps_the_old_file(tmp_path):
+    "A process killed with SIGKILL while it writes (no cleanup runs at all) leaves the old file whole."
+    target = tmp_path / 'model.bin'
+    with atomic_write(target) as tmp: tmp.write_bytes(b'old' * 1000)
+    code = textwrap.dedent(f'''
+        import sys, time
+        from bigmodel_nb.concepts import atomic_write
+        with atomic_write({str(target)!r}) as tmp:
+            with open(tmp, 'wb') as f:
+                f.write(b'new' * 500); f.flush()
+                print('half written', flush=True)
+                time.sleep(60)  # killed here
+                f.write(b'new' * 500)
+    ''')
+    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == 'half written'
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if p.poll() is None: p.kill()
+    assert target.read_bytes() == b'old' * 1000
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p != target)
+    assert len(leftovers) == 1 and leftovers[0].startswith('.model.tmp-') and leftovers[0].endswith('.bin')
+    assert (tmp_path / leftovers[0]).read_bytes() == b'new' * 500  # the half-written temporary file
+
+
+def test_atomic_write_exception_and_nothing_written(tmp_path):
+    target = tmp_path / 'a.txt'
+    target.write_text('old')
+    with pytest.raises(RuntimeError, match='boom'):
+        with atomic_write(target) as tmp: tmp.write_text('half'); raise RuntimeError('boom')
+    with pytest.raises(FileNotFoundError, match='nothing was written'):
+        with atomic_write(target) as tmp: pass
+    assert target.read_text() == 'old' and [p.name for p in tmp_path.iterdir()] == ['a.txt']
+    with atomic_write(tmp_path / 'new' / 'b.txt') as tmp: tmp.write_text('b')  # the folder is made
+    assert (tmp_path / 'new' / 'b.txt').read_text() == 'b'
+
+
+def test_atomic_write_replaces_a_folder_with_a_folder(tmp_path):
+    pkg = tmp_path / 'pkg'
+    with atomic_write(pkg) as tmp:
+        tmp.mkdir(); (tmp / 'weights').write_text('1'); (tmp / 'sub').mkdir(); (tmp / 'sub' / 'x').write_text('x')
+    assert sorted(p.name for p in pkg.iterdir()) == ['sub', 'weights']
+    with atomic_write(pkg) as tmp: tmp.mkdir(); (tmp / 'model.onnx').write_text('2')
+    assert [p.name for p in pkg.iterdir()] == ['model.onnx']  # nothing of the old folder remains inside
+    assert [p.name for p in tmp_path.iterdir()] == ['pkg']  # nor beside it (no .old- or .tmp- folder)
+    with pytest.raises(RuntimeError):
+        with atomic_write(pkg) as tmp: tmp.mkdir(); (tmp / 'half').write_text('3'); raise RuntimeError
+    assert [p.name for p in pkg.iterdir()] == ['model.onnx'] and [p.name for p in tmp_path.iterdir()] == ['pkg']
+
+
+def test_machine_info_names_the_cpu_model(monkeypatch):
+    info = Path('/proc/cpuinfo')
+    if info.exists() and 'model name' in info.read_text():  # this machine: the real model name
+        model = next(l.split(':', 1)[1].strip() for l in info.read_text().splitlines() if l.startswith('model name'))
+        assert cpu_name() == model and machine_info().startswith(model + ', ')
+    fake = 'processor\t: 0\nvendor_id\t: Test\nmodel name\t: Test CPU 9000 @ 3.00GHz\nflags\t\t: fpu\n'
+    monkeypatch.setattr(concepts, 'Path', lambda p: SimpleNamespace(read_text=lambda: fake))
+    assert cpu_name() == 'Test CPU 9000 @ 3.00GHz'
+    info = machine_info()
+    assert info.startswith('Test CPU 9000 @ 3.00GHz, ') and f'torch {torch.__version__}' in info
+    # no model name (some ARM kernels) or no /proc/cpuinfo at all: the processor or architecture, never empty
+    monkeypatch.setattr(concepts.platform, 'system', lambda: 'Linux')
+    monkeypatch.setattr(concepts.platform, 'processor', lambda: '')
+    monkeypatch.setattr(concepts.platform, 'machine', lambda: 'aarch64')
+    monkeypatch.setattr(concepts, 'Path', lambda p: SimpleNamespace(read_text=lambda: 'processor\t: 0\nBogoMIPS\t: 50\n'))
+    assert cpu_name() == 'aarch64'
+    def missing(): raise FileNotFoundError('/proc/cpuinfo')
+    monkeypatch.setattr(concepts, 'Path', lambda p: SimpleNamespace(read_text=missing))
+    assert cpu_name() == 'aarch64'
+
+
+def test_registry_round_trip():
+    cfg = TransformerConfig(40, 6, 8, 1, 2, tied=False)
+    model = TransformerLM(cfg)
+    arch = architecture_of(model)
+    assert arch == {'name': 'TransformerLM', 'module': 'bigmodel_nb.concepts', 'config': json.loads(json.dumps(arch['config']))}
+    twin = build_architecture(json.loads(json.dumps(arch)))  # through JSON, as a package stores it
+    assert type(twin) is TransformerLM and twin.cfg == cfg and twin is not model
+    twin.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 40, (2, 6))
+    assert torch.equal(twin(tokens), model(tokens))
+
+
+def test_registry_imports_the_defining_module(tmp_path, monkeypatch):
+    "A name not registered yet is found by importing its library module; nothing outside the library is imported."
+    (tmp_path / '_test_arch.py').write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from torch import nn
+        from bigmodel_nb.concepts import register_architecture
+        @dataclass
+        class TinyConfig: width: int = 3
+        class Tiny(nn.Linear):
+            def __init__(self, cfg): super().__init__(cfg.width, 1); self.cfg = cfg
+        register_architecture(Tiny, TinyConfig, name='TinyArch')
+    '''))
+    monkeypatch.setattr(bigmodel_nb, '__path__', [*bigmodel_nb.__path__, str(tmp_path)])
+    try:
+        assert 'TinyArch' not in ARCHITECTURES
+        m = build_architecture({'name': 'TinyArch', 'module': 'bigmodel_nb._test_arch', 'config': {'width': 5}})
+        assert type(m).__name__ == 'Tiny' and m.in_features == 5
+    finally:
+        ARCHITECTURES.pop('TinyArch', None); sys.modules.pop('bigmodel_nb._test_arch', None)
+    assert 'this' not in sys.modules
+    with pytest.raises(ValueError, match="unknown architecture 'Zen'"): build_architecture({'name': 'Zen', 'module': 'this'})
+    assert 'this' not in sys.modules  # a module outside the library is never imported
+
+
+def test_registry_errors():
+    with pytest.raises(TypeError, match='is not a dataclass'): register_architecture(nn.Linear, dict)
+    with pytest.raises(TypeError, match='Linear is not a registered architecture'): architecture_of(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown architecture 'Nope'"): build_architecture({'name': 'Nope'})
+    with pytest.raises(ValueError, match='unknown architecture None'): build_architecture('TransformerLM')
+    with pytest.raises(ValueError, match='does not fit TransformerConfig'):
+        build_architecture({'name': 'TransformerLM', 'config': {'vocab_size': 10}})
+    with pytest.raises(ValueError, match='cannot be imported'):
+        build_architecture({'name': 'Gone', 'module': 'bigmodel_nb.no_such_chapter'})
