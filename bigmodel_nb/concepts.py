@@ -13,7 +13,7 @@ __all__ = ['ARCHITECTURES', 'DTYPE_BYTES', 'KNOWN_CONFIGS', 'OPTIMIZER_STATES', 
            'training_memory', 'activation_bytes', 'training_flops', 'chinchilla_tokens', 'compute_optimal']
 
 # %% ../nbs/00_concepts.ipynb #6e001333
-import importlib, os, platform, random, shutil, statistics, subprocess, time, uuid
+import importlib, os, platform, random, shutil, subprocess, time, uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict, is_dataclass
 from math import prod, sqrt

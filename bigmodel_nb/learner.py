@@ -6,7 +6,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/training.html.md"""
 
 # %% ../nbs/02_training.ipynb #4c3011b2
 from __future__ import annotations
-import contextlib, json, math, os, random, re, sys, tempfile, time
+import contextlib, json, math, random, re, sys, time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,14 +19,14 @@ from fastcore.basics import patch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .concepts import default_device, atomic_write, cpu_name, time_stats
+from .concepts import atomic_write, default_device, markdown_table
 
 # %% auto #0
-__all__ = ['events', 'schedules', 'digits_cnn', 'CancelFitException', 'CancelEpochException', 'CancelTrainException',
-           'CancelValidateException', 'CancelBatchException', 'CancelBackwardException', 'CancelStepException',
-           'Callback', 'Learner', 'accuracy', 'confusion_matrix', 'precision', 'recall', 'f1_score', 'perplexity',
-           'plot_confusion_matrix', 'Recorder', 'ProgressCB', 'StopAfter', 'sched_one_cycle', 'sched_cos', 'LRSchedule',
-           'TimeBudget', 'accuracy_on', 'EarlyStopping', 'GradientClip', 'MixedPrecision', 'Checkpoint']
+__all__ = ['events', 'schedules', 'digits_cnn', 'seed_fit', 'accuracy_on', 'CancelFitException', 'CancelEpochException',
+           'CancelTrainException', 'CancelValidateException', 'CancelBatchException', 'CancelBackwardException',
+           'CancelStepException', 'Callback', 'Learner', 'accuracy', 'confusion_matrix', 'precision', 'recall',
+           'f1_score', 'perplexity', 'plot_confusion_matrix', 'Recorder', 'ProgressCB', 'StopAfter', 'sched_one_cycle',
+           'sched_cos', 'LRSchedule', 'TimeBudget', 'EarlyStopping', 'GradientClip', 'MixedPrecision', 'Checkpoint']
 
 # %% ../nbs/02_training.ipynb #6461e22a
 def digits_cnn(c_in:int=1, # input channels
@@ -37,6 +37,57 @@ def digits_cnn(c_in:int=1, # input channels
     return nn.Sequential(block(c_in, width), block(width, 2*width), nn.MaxPool2d(2),
                          block(2*width, 4*width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Dropout(0.1), nn.Linear(4*width, n_classes))
+
+# %% ../nbs/02_training.ipynb #ba42ea73
+def seed_fit(net:nn.Module, # the model, trained in place
+             trainloader, # batches `(inputs, labels)`
+             epochs:int=10, # passes over `trainloader`
+             lr:float=0.001, # SGD's learning rate
+             momentum:float=0.9, # SGD's momentum
+             print_every:int=2000): # print the running loss every this many batches
+    "The seed article's training loop (its section 4.1), as written there but for the arguments."
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    for epoch in range(epochs):
+        running_loss = 0.0
+        for i, data in enumerate(trainloader, 0):
+            inputs, labels = data
+            optimizer.zero_grad()
+            outputs = net(inputs)
+            loss = criterion(outputs, labels)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            if i % print_every == print_every - 1:
+                print('[%d, %5d] loss: %.3f' % (epoch + 1, i + 1, running_loss / print_every))
+                running_loss = 0.0
+    print('Finished Training')
+
+# %% ../nbs/02_training.ipynb #cf2e0301
+def _labels(preds): return preds.argmax(-1) if preds.is_floating_point() else preds
+
+# %% ../nbs/02_training.ipynb #b9790e44
+def accuracy_on(model, # an `nn.Module`, or any `f(x)` returning scores `(N, C)` or labels `(N,)`, tensor or NumPy
+                dl, # batches `(x, y)`
+                limit:int=None) -> float: # use only the first `limit` items
+    "Accuracy of `model` on the batches of `dl`."
+    module = model if isinstance(model, nn.Module) else None
+    if module is not None:
+        was_training = module.training; module.eval()
+        device = next(module.parameters(), torch.empty(0)).device
+    correct = n = 0
+    try:
+        with torch.inference_mode():
+            for x, y in dl:
+                if limit is not None and n >= limit: break
+                if limit is not None: x, y = x[:limit - n], y[:limit - n]
+                out = model(x.to(device)) if module is not None else model(x)
+                out = out if isinstance(out, Tensor) else torch.as_tensor(np.asarray(out))
+                correct += int((_labels(out).cpu() == y).sum()); n += len(y)
+    finally:
+        if module is not None: module.train(was_training)
+    if n == 0: raise ValueError("accuracy_on: the loader gave no items")
+    return correct / n
 
 # %% ../nbs/02_training.ipynb #14603dea
 class CancelFitException(Exception):
@@ -219,6 +270,7 @@ def fit(self:Learner,
     finally: self.remove_cbs(cbs)
     return self
 
+# %% ../nbs/02_training.ipynb #f8d09728
 @patch
 def fit_one_cycle(self:Learner,
                   n_epoch:int, # epochs (counting those before a `resume`)
@@ -229,13 +281,12 @@ def fit_one_cycle(self:Learner,
     return self.fit(n_epoch, lr_max, sched='one_cycle', cbs=cbs, resume=resume)
 
 # %% ../nbs/02_training.ipynb #e7297f81
-def _labels(preds): return preds.argmax(-1) if preds.is_floating_point() else preds
-
 def accuracy(preds:Tensor, # logits or probabilities `(..., C)`, or predicted labels
              targs:Tensor): # integer labels
     "Fraction of predictions equal to the targets."
     return (_labels(preds) == targs).float().mean()
 
+# %% ../nbs/02_training.ipynb #181a3696
 def confusion_matrix(preds:Tensor, # logits `(N, C)` or predicted labels `(N,)`
                      targs:Tensor, # integer labels `(N,)`
                      num_classes:int=None): # defaults to `C`, or 1 + the largest label seen
@@ -254,24 +305,37 @@ def _per_class(preds, targs, num_classes=None):
     div = lambda a, b: torch.where(b > 0, a / b.clamp(min=1), torch.zeros_like(a))
     return SimpleNamespace(precision=div(tp, pred_n), recall=div(tp, true_n), f1=div(2*tp, pred_n + true_n), present=present)
 
+# %% ../nbs/02_training.ipynb #e6e82c44
 def _average(v, present, average):
     if average == 'macro': return v[present].mean().float()
     if average is None: return v.float()
     raise ValueError(f"average={average!r} is not supported: use 'macro' or None (per class)")
 
-# %% ../nbs/02_training.ipynb #674dd909
-def precision(preds, targs, average='macro', num_classes=None):
-    "Precision (macro average over classes, or per class with `average=None`)."
+# %% ../nbs/02_training.ipynb #d89cba46
+def precision(preds:Tensor, # logits or probabilities `(N, C)`, or predicted labels `(N,)`
+              targs:Tensor, # integer labels `(N,)`
+              average:str='macro', # 'macro': the mean over the classes present; None: one score per class
+              num_classes:int=None): # classes in the per-class result; default: `C`, or 1 + the largest label seen
+    "Precision: of the items predicted as a class, the share that are (macro average over classes, or per class)."
     pc = _per_class(preds, targs, num_classes); return _average(pc.precision, pc.present, average)
 
-def recall(preds, targs, average='macro', num_classes=None):
-    "Recall (macro average over classes, or per class with `average=None`)."
+# %% ../nbs/02_training.ipynb #f4ebd328
+def recall(preds:Tensor, # logits or probabilities `(N, C)`, or predicted labels `(N,)`
+           targs:Tensor, # integer labels `(N,)`
+           average:str='macro', # 'macro': the mean over the classes present; None: one score per class
+           num_classes:int=None): # classes in the per-class result; default: `C`, or 1 + the largest label seen
+    "Recall: of the items of a class, the share predicted as it (macro average over classes, or per class)."
     pc = _per_class(preds, targs, num_classes); return _average(pc.recall, pc.present, average)
 
-def f1_score(preds, targs, average='macro', num_classes=None):
-    "F1 score (macro average over classes, or per class with `average=None`)."
+# %% ../nbs/02_training.ipynb #d3267600
+def f1_score(preds:Tensor, # logits or probabilities `(N, C)`, or predicted labels `(N,)`
+             targs:Tensor, # integer labels `(N,)`
+             average:str='macro', # 'macro': the mean over the classes present; None: one score per class
+             num_classes:int=None): # classes in the per-class result; default: `C`, or 1 + the largest label seen
+    "F1 score, the harmonic mean of precision and recall (macro average over classes, or per class)."
     pc = _per_class(preds, targs, num_classes); return _average(pc.f1, pc.present, average)
 
+# %% ../nbs/02_training.ipynb #50a4dce7
 def perplexity(preds:Tensor, # logits `(..., V)`
                targs:Tensor): # token ids `(...)`
     "`exp` of the mean cross-entropy: the effective number of choices per token."
@@ -281,7 +345,8 @@ def perplexity(preds:Tensor, # logits `(..., V)`
 def plot_confusion_matrix(cm:Tensor, # from `confusion_matrix`
                           classes=None, # class names for the axes
                           normalize:bool=False, # show each row as fractions of the true class
-                          ax=None, title='Confusion matrix'):
+                          ax=None, # draw on this matplotlib axis; default: a new figure
+                          title:str='Confusion matrix'): # the axis title
     "Draw a confusion matrix with its counts."
     import matplotlib.pyplot as plt
     cm = torch.as_tensor(cm).double()
@@ -352,16 +417,17 @@ class Recorder(Callback):
         "One column of the log."
         return [r.get(key, float('nan')) for r in self.log]
 
-    def table(self):
-        "The log as Markdown."
-        keys = list(dict.fromkeys(k for r in self.log for k in r))
-        lines = ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
-        return '\n'.join(lines + ['| ' + ' | '.join(_fmt(round(r[k], 4) if isinstance(r.get(k), float) else r.get(k, ''))
-                                                       for k in keys) + ' |' for r in self.log])
+    def table(self) -> str:
+        "The log as a Markdown table, floats to 4 decimals."
+        floats = {k for r in self.log for k, v in r.items() if isinstance(v, float)}
+        return markdown_table(self.log, fmt={k: '.4f' for k in floats})
 
 # %% ../nbs/02_training.ipynb #44f90cca
 @patch
-def plot_loss(self:Recorder, skip_start:int=0, with_valid:bool=True, ax=None):
+def plot_loss(self:Recorder,
+              skip_start:int=0, # leave out the first batches (their loss can dwarf the rest)
+              with_valid:bool=True, # also plot each epoch's validation loss
+              ax=None): # draw on this matplotlib axis; default: a new figure
     "Plot each batch's training loss and each epoch's validation loss."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
@@ -372,8 +438,10 @@ def plot_loss(self:Recorder, skip_start:int=0, with_valid:bool=True, ax=None):
     ax.set(xlabel='batch', ylabel='loss', yscale='log'); ax.legend()
     return ax
 
+# %% ../nbs/02_training.ipynb #a610a7e3
 @patch
-def plot_metrics(self:Recorder, ax=None):
+def plot_metrics(self:Recorder,
+                 ax=None): # draw on this matplotlib axis; default: a new figure
     "Plot each metric per epoch."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
@@ -382,25 +450,36 @@ def plot_metrics(self:Recorder, ax=None):
     ax.set(xlabel='epoch', ylabel='metric'); ax.legend()
     return ax
 
+# %% ../nbs/02_training.ipynb #3470f72d
 @patch
-def plot_lr(self:Recorder, ax=None):
+def plot_lr(self:Recorder,
+            ax=None): # draw on this matplotlib axis; default: a new figure
     "Plot the learning rate of each training batch."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(6, 3))
     ax.plot(self.lrs); ax.set(xlabel='batch', ylabel='learning rate')
     return ax
 
+# %% ../nbs/02_training.ipynb #bfb379f5
+def _show_styles(fastprogress):
+    "fastprogress's CSS, once, as HTML only (its own display also saves the text `<IPython.core.display.HTML object>`)."
+    if not fastprogress.IN_NOTEBOOK or getattr(fastprogress, '_style_shown', True): return
+    from IPython.display import display
+    display({'text/html': fastprogress.html_styles}, raw=True); fastprogress._style_shown = True
+
 # %% ../nbs/02_training.ipynb #24c351d8
 class ProgressCB(Callback):
     "Progress bars (notebook or terminal) and the epoch table; `plot=True` adds a live loss plot."
     order = 20  # after `Recorder` has written the row
 
-    def __init__(self, plot:bool=False): self.plot = plot
+    def __init__(self, plot:bool=False): # also draw the losses per epoch under the bar, live (in a notebook)
+        self.plot = plot
 
     def before_fit(self):
         L = self.learn
-        from fastprogress.fastprogress import master_bar  # imported when a bar is shown: a server never loads it
-        self.mbar = master_bar(range(L.start_epoch, L.n_epoch))
+        from fastprogress import fastprogress  # imported when a bar is shown: a server never loads it
+        _show_styles(fastprogress)
+        self.mbar = fastprogress.master_bar(range(L.start_epoch, L.n_epoch))
         self.mbar.on_iter_begin(); self._header = False
 
     def before_epoch(self): self.mbar.update(self.learn.epoch - self.learn.start_epoch)
@@ -435,24 +514,32 @@ class StopAfter(Callback):
     def after_epoch(self):
         if self.learn.epoch + 1 >= self.n: raise CancelFitException
 
-# %% ../nbs/02_training.ipynb #2c6c409f
+# %% ../nbs/02_training.ipynb #d58f9ac4
 def _anneal_cos(start, end, pct): return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
 
+# %% ../nbs/02_training.ipynb #d9d90d3c
 def sched_one_cycle(step:int, # 0-based index of the training batch
                     total:int, # number of training batches in the fit
                     lr_max:float, # peak learning rate
-                    pct_start:float=0.3, div:float=25., div_final:float=1e4):
+                    pct_start:float=0.3, # share of the steps spent warming up
+                    div:float=25., # the start is `lr_max / div`
+                    div_final:float=1e4): # the end is `lr_max / div / div_final`
     "One-cycle learning rate at `step` (as `torch.optim.lr_scheduler.OneCycleLR`, cosine)."
     lo = lr_max / div
     warm = float(pct_start * total) - 1
     if step <= warm: return _anneal_cos(lo, lr_max, step / warm)
     return _anneal_cos(lr_max, lo / div_final, (step - warm) / (total - 1 - warm))
 
-def sched_cos(step:int, total:int, lr_max:float, lr_min:float=0.):
+# %% ../nbs/02_training.ipynb #fc364c8e
+def sched_cos(step:int, # 0-based index of the training batch
+              total:int, # number of training batches in the fit
+              lr_max:float, # the learning rate at the start
+              lr_min:float=0.): # the learning rate it anneals to
     "Cosine annealing from `lr_max` to `lr_min` over `total` steps (as `CosineAnnealingLR`)."
     return _anneal_cos(lr_max, lr_min, step / total)
 
-schedules = {'one_cycle': sched_one_cycle, 'cos': sched_cos}
+# %% ../nbs/02_training.ipynb #1e2f508a
+schedules = {'one_cycle': sched_one_cycle, 'cos': sched_cos}  # name -> f(step, total, lr_max)
 
 # %% ../nbs/02_training.ipynb #9bbdfb9c
 class LRSchedule(Callback):
@@ -480,19 +567,30 @@ class LRSchedule(Callback):
 class TimeBudget(Callback):
     "Stop the fit after `seconds` of wall time, pacing the fit's schedule by the clock as well as by the steps."
     order = -20  # before `LRSchedule`, whose schedule it paces
-    def __init__(self, seconds:float): self.seconds, self.t0 = seconds, None # training time allowed, in seconds
-    def progress(self) -> float: return min((time.perf_counter() - self.t0) / self.seconds, 1.) # share of the budget used
+    def __init__(self, seconds:float): # wall time allowed for the fit
+        if not seconds > 0: raise ValueError(f"TimeBudget: seconds must be > 0, got {seconds}")
+        self.seconds, self.t0 = seconds, None
+
+    def progress(self) -> float:
+        "The share of the budget used so far (at most 1)."
+        return min((time.perf_counter() - self.t0) / self.seconds, 1.)
+
     def before_fit(self):
         self.t0, self.paced = time.perf_counter(), []
         for cb in self.learn.cbs:
             if isinstance(cb, LRSchedule): self.paced.append((cb, cb.sched)); cb.sched = self._pace(cb.sched)
+
     def _pace(self, sched):
+        "`sched`, told the larger of the step and the step that the share of the time used corresponds to."
         def paced(step, total, lr_max): return sched(min(max(step, int(self.progress() * (total - 1))), total - 1), total, lr_max)
         return paced
+
     def after_batch(self):
         if self.learn.training and self.progress() >= 1: raise CancelFitException()
+
     def after_fit(self):
-        for cb, sched in self.paced: cb.sched = sched
+        for cb, sched in self.paced: cb.sched = sched  # the schedule as it was
+
     def state_dict(self): return {'used': time.perf_counter() - self.t0}
     def load_state_dict(self, sd): self.t0 = time.perf_counter() - sd['used']
 
@@ -516,6 +614,7 @@ def get_preds(self:Learner, dl=None, # defaults to `data.valid`
     if act is not None: preds = act(preds)
     return (preds, targs, torch.cat(xs)) if with_input else (preds, targs)
 
+# %% ../nbs/02_training.ipynb #1b6f3316
 @patch
 def validate(self:Learner, dl=None): # defaults to `data.valid`
     "Loss and metrics on `dl`, as a dict."
@@ -524,6 +623,7 @@ def validate(self:Learner, dl=None): # defaults to `data.valid`
     for m in self.metrics: res[_metric_name(m)] = float(m(preds, targs))
     return res
 
+# %% ../nbs/02_training.ipynb #0c1da603
 @patch
 def predict(self:Learner, item:Tensor): # one input, without the batch dimension
     "The predicted class (its name when `data.classes` exists), its index and the probabilities for one item."
@@ -535,33 +635,11 @@ def predict(self:Learner, item:Tensor): # one input, without the batch dimension
     classes = getattr(self.data, 'classes', None)
     return (classes[idx] if classes is not None else idx), idx, probs
 
+# %% ../nbs/02_training.ipynb #7f6ce806
 @patch
 def confusion_matrix(self:Learner, dl=None): # defaults to `data.valid`
     "The confusion matrix on `dl`."
     return confusion_matrix(*self.get_preds(dl))
-
-# %% ../nbs/02_training.ipynb #99f2d7ae
-def accuracy_on(model, # an `nn.Module`, or any `f(x)` returning scores `(N, C)` or labels `(N,)`, tensor or NumPy
-                dl, # batches `(x, y)`
-                limit:int=None) -> float: # use only the first `limit` items
-    "Accuracy of `model` on the batches of `dl`."
-    module = model if isinstance(model, nn.Module) else None
-    if module is not None:
-        was_training = module.training; module.eval()
-        device = next(module.parameters(), torch.empty(0)).device
-    correct = n = 0
-    try:
-        with torch.inference_mode():
-            for x, y in dl:
-                if limit is not None and n >= limit: break
-                if limit is not None: x, y = x[:limit - n], y[:limit - n]
-                out = model(x.to(device)) if module is not None else model(x)
-                out = out if isinstance(out, Tensor) else torch.as_tensor(np.asarray(out))
-                correct += int((_labels(out).cpu() == y).sum()); n += len(y)
-    finally:
-        if module is not None: module.train(was_training)
-    if n == 0: raise ValueError("accuracy_on: the loader gave no items")
-    return correct / n
 
 # %% ../nbs/02_training.ipynb #6c1f9d34
 class EarlyStopping(Callback):
@@ -594,8 +672,10 @@ class EarlyStopping(Callback):
 
 # %% ../nbs/02_training.ipynb #51736278
 class GradientClip(Callback):
-    "Clip the global gradient norm to `max_norm` before each optimizer step."
-    def __init__(self, max_norm:float=1.0, norm_type:float=2.0): self.max_norm, self.norm_type, self.norms = max_norm, norm_type, []
+    "Clip the global gradient norm to `max_norm` before each optimizer step; `norms` keeps each norm before clipping."
+    def __init__(self, max_norm:float=1.0, # the largest global norm the gradients may have
+                 norm_type:float=2.0): # which norm: 2 (Euclidean), `math.inf` (largest absolute value) or any p
+        self.max_norm, self.norm_type, self.norms = max_norm, norm_type, []
     def before_fit(self): self.norms = []
     def before_step(self):
         L = self.learn
@@ -627,71 +707,6 @@ class MixedPrecision(Callback):
         self._state = sd
         if self.scaler is not None and sd: self.scaler.load_state_dict(sd)
 
-# %% ../nbs/02_training.ipynb #092b8a2d
-_FORMAT = 'bigmodel_nb.learner/1'
-
-def _unshared(sd):
-    "Contiguous CPU copies where tensors share memory (safetensors refuses shared tensors)."
-    seen, out = set(), {}
-    for k, v in sd.items():
-        v = v.detach()
-        key = (v.untyped_storage().data_ptr(), v.device) if v.numel() else None
-        out[k] = v.clone().contiguous() if key in seen else v.contiguous()
-        if key is not None: seen.add(key)
-    return out
-
-def _opt_flat(opt):
-    sd, tensors, state = opt.state_dict(), {}, {}
-    for pid, st in sd['state'].items():
-        state[str(pid)] = {k: v for k, v in st.items() if not isinstance(v, Tensor)}
-        for k, v in st.items():
-            if isinstance(v, Tensor): tensors[f'__opt__.{pid}.{k}'] = v.detach().contiguous()
-        state[str(pid)]['__tensors__'] = [k for k, v in st.items() if isinstance(v, Tensor)]
-    return tensors, {'param_groups': sd['param_groups'], 'state': state}
-
-def _opt_unflat(tensors, meta):
-    state = {}
-    for pid, st in meta['state'].items():
-        names = st.pop('__tensors__', [])
-        state[int(pid)] = {**st, **{k: tensors[f'__opt__.{pid}.{k}'] for k in names}}
-    groups = [{**g, 'betas': tuple(g['betas'])} if isinstance(g.get('betas'), list) else g for g in meta['param_groups']]
-    return {'state': state, 'param_groups': groups}
-
-def _loader_state(data):
-    "What decides the data's shuffles and augmentation: `epoch` counters and torch.Generators of its loaders (and their transforms)."
-    counters, gens = {}, {}
-    for name in ('train', 'valid'):
-        dl = getattr(data, name, None)
-        if dl is None: continue
-        if type(getattr(dl, 'epoch', None)) is int: counters[name] = dl.epoch
-        for owner, pre in ((dl, name), (getattr(dl, 'transform', None), f'{name}.transform')):
-            for k, v in (vars(owner).items() if hasattr(owner, '__dict__') else ()):
-                if isinstance(v, torch.Generator): gens[f'{pre}.{k}'] = v
-    return counters, gens
-
-def _rng_state(data):
-    t = {'__rng__.torch': torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()): t[f'__rng__.cuda.{i}'] = s
-    counters, gens = _loader_state(data)
-    for n, g in gens.items(): t[f'__rng__.loader.{n}'] = g.get_state()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    t['__rng__.numpy'] = torch.from_numpy(keys.astype(np.int64))
-    return t, {'numpy': [kind, int(pos), int(has_gauss), float(cached)], 'python': random.getstate(), 'loader_epochs': counters}
-
-def _set_rng_state(t, meta, data):
-    torch.set_rng_state(t['__rng__.torch'])
-    cuda = [t[k] for k in sorted((k for k in t if k.startswith('__rng__.cuda.')), key=lambda k: int(k.rsplit('.', 1)[1]))]
-    if cuda and torch.cuda.is_available(): torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
-    counters, gens = _loader_state(data)
-    for n, g in gens.items():
-        if f'__rng__.loader.{n}' in t: g.set_state(t[f'__rng__.loader.{n}'])
-    for n, e in meta.get('loader_epochs', {}).items():
-        if n in counters: getattr(data, n).epoch = e
-    kind, pos, has_gauss, cached = meta['numpy']
-    np.random.set_state((kind, t['__rng__.numpy'].numpy().astype(np.uint32), pos, has_gauss, cached))
-    v, st, gauss = meta['python']; random.setstate((v, tuple(st), gauss))
-
 # %% ../nbs/02_training.ipynb #b8e5b780
 @patch
 def save(self:Learner, path, # file to write, e.g. 'model.safetensors'
@@ -720,6 +735,7 @@ def _read(path):
     except Exception as e:
         raise ValueError(f'{path} is not a readable safetensors file ({e}); it may be truncated or from another tool') from e
 
+# %% ../nbs/02_training.ipynb #a9b3d2b0
 def _check_arch(sd, model_sd, path):
     missing = [k for k in model_sd if k not in sd]
     unexpected = [k for k in sd if k not in model_sd]
@@ -758,6 +774,7 @@ def load(self:Learner, path, # a file written by `save`
         self._pending = (st, {k: v for k, v in tensors.items() if k.startswith('__rng__.')})
     return self
 
+# %% ../nbs/02_training.ipynb #81e64e6d
 @patch
 def _apply_pending(self:Learner):
     "After `before_fit`: restore callback and RNG state from the checkpoint `fit(resume=...)` loaded."
@@ -817,3 +834,79 @@ def summary(self:Learner, xb=None): # a batch of inputs; defaults to the first t
               f'Callbacks: {", ".join(repr(c) for c in sorted(self.cbs, key=lambda c: c.order))}',
               f'Device: {self.device}']
     print('\n'.join(lines))
+
+# %% ../nbs/02_training.ipynb #8f852d81
+_FORMAT = 'bigmodel_nb.learner/1'  # written into every file's metadata
+
+# %% ../nbs/02_training.ipynb #fb7504dc
+def _unshared(sd):
+    "Contiguous CPU copies where tensors share memory (safetensors refuses shared tensors)."
+    seen, out = set(), {}
+    for k, v in sd.items():
+        v = v.detach()
+        key = (v.untyped_storage().data_ptr(), v.device) if v.numel() else None
+        out[k] = v.clone().contiguous() if key in seen else v.contiguous()
+        if key is not None: seen.add(key)
+    return out
+
+# %% ../nbs/02_training.ipynb #cd1ab63d
+def _opt_flat(opt):
+    "The optimizer's state as tensors named `__opt__.<param>.<name>` and JSON-able metadata (hyper-parameters, step counts)."
+    sd, tensors, state = opt.state_dict(), {}, {}
+    for pid, st in sd['state'].items():
+        state[str(pid)] = {k: v for k, v in st.items() if not isinstance(v, Tensor)}
+        for k, v in st.items():
+            if isinstance(v, Tensor): tensors[f'__opt__.{pid}.{k}'] = v.detach().contiguous()
+        state[str(pid)]['__tensors__'] = [k for k, v in st.items() if isinstance(v, Tensor)]
+    return tensors, {'param_groups': sd['param_groups'], 'state': state}
+
+# %% ../nbs/02_training.ipynb #ee35ccda
+def _opt_unflat(tensors, meta):
+    "The optimizer `state_dict` that `_opt_flat` flattened into `tensors` and `meta` (which it leaves unchanged)."
+    state = {}
+    for pid, st in meta['state'].items():
+        names = st.get('__tensors__', [])
+        state[int(pid)] = {**{k: v for k, v in st.items() if k != '__tensors__'},
+                           **{k: tensors[f'__opt__.{pid}.{k}'] for k in names}}
+    groups = [{**g, 'betas': tuple(g['betas'])} if isinstance(g.get('betas'), list) else g for g in meta['param_groups']]
+    return {'state': state, 'param_groups': groups}
+
+# %% ../nbs/02_training.ipynb #5d868099
+def _loader_state(data):
+    "What decides the data's shuffles and augmentation: `epoch` counters and torch.Generators of its loaders (and their transforms)."
+    counters, gens = {}, {}
+    for name in ('train', 'valid'):
+        dl = getattr(data, name, None)
+        if dl is None: continue
+        if type(getattr(dl, 'epoch', None)) is int: counters[name] = dl.epoch
+        for owner, pre in ((dl, name), (getattr(dl, 'transform', None), f'{name}.transform')):
+            for k, v in (vars(owner).items() if hasattr(owner, '__dict__') else ()):
+                if isinstance(v, torch.Generator): gens[f'{pre}.{k}'] = v
+    return counters, gens
+
+# %% ../nbs/02_training.ipynb #511d9365
+def _rng_state(data):
+    "The state of every random number generator a fit draws from: torch (CPU and CUDA), NumPy, Python, the loaders'."
+    t = {'__rng__.torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()): t[f'__rng__.cuda.{i}'] = s
+    counters, gens = _loader_state(data)
+    for n, g in gens.items(): t[f'__rng__.loader.{n}'] = g.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    t['__rng__.numpy'] = torch.from_numpy(keys.astype(np.int64))
+    return t, {'numpy': [kind, int(pos), int(has_gauss), float(cached)], 'python': random.getstate(), 'loader_epochs': counters}
+
+# %% ../nbs/02_training.ipynb #01b9be1e
+def _set_rng_state(t, meta, data):
+    "Put back the generators' states that `_rng_state` took."
+    torch.set_rng_state(t['__rng__.torch'])
+    cuda = [t[k] for k in sorted((k for k in t if k.startswith('__rng__.cuda.')), key=lambda k: int(k.rsplit('.', 1)[1]))]
+    if cuda and torch.cuda.is_available(): torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    counters, gens = _loader_state(data)
+    for n, g in gens.items():
+        if f'__rng__.loader.{n}' in t: g.set_state(t[f'__rng__.loader.{n}'])
+    for n, e in meta.get('loader_epochs', {}).items():
+        if n in counters: getattr(data, n).epoch = e
+    kind, pos, has_gauss, cached = meta['numpy']
+    np.random.set_state((kind, t['__rng__.numpy'].numpy().astype(np.uint32), pos, has_gauss, cached))
+    v, st, gauss = meta['python']; random.setstate((v, tuple(st), gauss))

@@ -1,5 +1,5 @@
 "Tests of `bigmodel_nb.learner`: exact resume, atomic checkpoints, metrics vs scikit-learn, callbacks, errors."
-import os, subprocess, sys, textwrap
+import contextlib, os, subprocess, sys, textwrap
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +18,7 @@ from bigmodel_nb.learner import (Callback, CancelBackwardException, CancelBatchE
                                  CancelFitException, CancelStepException, CancelTrainException, CancelValidateException,
                                  Checkpoint, EarlyStopping, GradientClip, Learner, MixedPrecision, accuracy,
                                  StopAfter, TimeBudget, accuracy_on, confusion_matrix, digits_cnn, f1_score, perplexity,
-                                 precision, recall, sched_cos, sched_one_cycle)
+                                 precision, recall, sched_cos, sched_one_cycle, seed_fit)
 
 torch.set_num_threads(1)
 
@@ -289,11 +289,22 @@ def test_gradient_clip_clips():
     assert max(float(n) for n in gc.norms) > 0.1 and max(seen) <= 0.1 + 1e-5
 
 
+class DtypeProbe(Callback):
+    "The dtypes of the predictions, in training and in validation."
+    def before_fit(self): self.dtypes = set()
+    def after_pred(self): self.dtypes.add((self.learn.training, self.learn.pred.dtype))
+
+
 def test_mixed_precision_cpu(capsys):
-    l = lin_learner(cbs=MixedPrecision()).fit(1, sched=None)
+    probe = DtypeProbe()
+    l = lin_learner(cbs=[MixedPrecision(), probe]).fit(1, sched=None)
     assert 'off on cpu' in capsys.readouterr().out and l.scaler is None
-    l = lin_learner(cbs=MixedPrecision(torch.bfloat16)).fit(1, sched=None)
+    assert probe.dtypes == {(True, torch.float32), (False, torch.float32)}  # off: float32 throughout
+    l = lin_learner(cbs=[MixedPrecision(torch.bfloat16), probe]).fit(1, sched=None)
+    assert probe.dtypes == {(True, torch.bfloat16), (False, torch.bfloat16)}  # bfloat16 really ran, both phases
     assert l.recorder.log[-1]['train_loss'] == l.recorder.log[-1]['train_loss']  # not nan
+    assert l.autocast is contextlib.nullcontext  # and autocast is off again after the fit
+    with torch.no_grad(): assert l.model(torch.zeros(1, 3)).dtype == torch.float32
 
 
 def test_progress_and_summary(capsys):
@@ -303,7 +314,10 @@ def test_progress_and_summary(capsys):
     assert 'train_loss' in out and 'valid_loss' in out
     l2.summary()
     assert 'Total params: 4' in capsys.readouterr().out
-    assert '| epoch | train_loss | valid_loss | time |' in l2.recorder.table()
+    table = l2.recorder.table().splitlines()
+    assert table[:2] == ['| epoch | train_loss | valid_loss | time |', '|---:|---:|---:|---:|']
+    assert len(table) == 4 and table[2].startswith('| 0 | ') and table[3].startswith('| 1 | ')
+    assert table[2].split(' | ')[1] == f"{l2.recorder.log[0]['train_loss']:.4f}"
 
 
 def test_get_preds_predict_validate(digits):
@@ -374,3 +388,26 @@ def test_accuracy_on_module_and_function(digits):
     assert m.training  # mode restored
     assert acc == accuracy_on(lambda x: m.eval()(x).numpy(), digits.test)
     with pytest.raises(ValueError, match='no items'): accuracy_on(m, [])
+
+
+def test_learner_equals_the_seed_loop(digits, capsys):
+    "With the seed's SGD and a constant rate, the Learner ends with the weights of the exported seed loop, bit for bit."
+    def loader(): return TensorLoader(digits.train.x, digits.train.y, 64, shuffle=True, seed=0)
+    torch.manual_seed(0); net_seed = digits_cnn(width=4)
+    torch.manual_seed(1); seed_fit(net_seed, loader(), epochs=2, lr=0.01, print_every=5)
+    out = capsys.readouterr().out
+    assert out.count('loss:') == 2 * (len(loader()) // 5) and out.rstrip().endswith('Finished Training')
+    torch.manual_seed(0); net_learn = digits_cnn(width=4)
+    learn = Learner(net_learn, (loader(), None), nn.CrossEntropyLoss(), partial(torch.optim.SGD, momentum=0.9), lr=0.01,
+                    progress=False, device='cpu')
+    torch.manual_seed(1); learn.fit(2)
+    assert_same(net_seed.state_dict(), net_learn.state_dict())
+    torch.manual_seed(0); other = digits_cnn(width=4)  # the same, at a rate of 0.011: the check can fail
+    torch.manual_seed(1); Learner(other, (loader(), None), nn.CrossEntropyLoss(), partial(torch.optim.SGD, momentum=0.9),
+                                  lr=0.011, progress=False, device='cpu').fit(2)
+    assert not torch.equal(net_seed[0][0].weight, other[0][0].weight)
+
+
+def test_time_budget_refuses_no_time():
+    for s in (0, -1):
+        with pytest.raises(ValueError, match='seconds must be > 0'): TimeBudget(s)
