@@ -6,9 +6,9 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/cnn.html.md"""
 
 # %% auto #0
 __all__ = ['conv_out_size', 'pad2d', 'im2col', 'conv2d', 'max_pool2d', 'avg_pool2d', 'Conv2d', 'MaxPool2d', 'AvgPool2d', 'LeNet',
-           'show_images', 'eval_accuracy', 'train_measured', 'results_table', 'seed_recipe', 'CNNConfig', 'CNNRecipe',
-           'ConvBN', 'FashionCNN', 'train_fashion_cnn', 'show_filters', 'feature_maps', 'show_feature_maps',
-           'top_mistakes', 'cnn_path', 'save_cnn', 'load_cnn', 'get_trained_cnn', 'seed_cifar10']
+           'FlipTTA', 'train_measured', 'seed_recipe', 'CNNConfig', 'CNNRecipe', 'ConvBN', 'FashionCNN',
+           'train_fashion_cnn', 'show_filters', 'feature_maps', 'show_feature_maps', 'top_mistakes', 'cnn_path',
+           'save_cnn', 'load_cnn', 'get_trained_cnn', 'seed_cifar10']
 
 # %% ../nbs/03_cnn.ipynb #c43c2260
 import json, math, time
@@ -182,47 +182,18 @@ class LeNet(nn.Module):
         return self.fc3(x)
 
 # %% ../nbs/03_cnn.ipynb #ddf1f339
-from .concepts import count_parameters, machine_info, register_architecture, architecture_of, build_architecture, atomic_write
+from .concepts import count_parameters, machine_info, torch_threads, register_architecture, architecture_of, build_architecture, atomic_write
 
 # %% ../nbs/03_cnn.ipynb #ce24ac79
 from .data import image_dataloaders, TensorLoader, RandomCropFlip, cache_dir
-from .learner import Learner, TimeBudget, accuracy
-
-# %% ../nbs/03_cnn.ipynb #61ff4b82
-def show_images(x:torch.Tensor, # images (N, C, H, W), normalised
-                labels=None, # a title per image (strings or class indices)
-                classes=None, # class names, when `labels` are indices
-                mean=None, std=None, # per-channel statistics to undo the normalisation
-                ncols:int=8, # images per row
-                size:float=1.3): # inches per image
-    "Draw a grid of images with their titles"
-    import matplotlib.pyplot as plt
-    x = x.detach().float().cpu()
-    if mean is not None: x = x * torch.as_tensor(std)[:, None, None] + torch.as_tensor(mean)[:, None, None]
-    n = len(x); nrows = -(-n // ncols)
-    fig,axs = plt.subplots(nrows, ncols, figsize=(ncols*size, nrows*size*1.15), squeeze=False)
-    for i,ax in enumerate(axs.flat):
-        ax.axis('off')
-        if i >= n: continue
-        img = x[i].permute(1, 2, 0).clamp(0, 1) if x.shape[1] == 3 else x[i, 0]
-        ax.imshow(img.numpy(), cmap=None if x.shape[1] == 3 else 'gray_r' if mean is not None else 'gray')
-        if labels is not None:
-            l = labels[i]; l = classes[int(l)] if classes is not None and not isinstance(l, str) else l
-            ax.set_title(str(l), fontsize=8)
-    plt.tight_layout()
-    return fig
+from .learner import Learner, TimeBudget, accuracy, accuracy_on
 
 # %% ../nbs/03_cnn.ipynb #3173994a
-def eval_accuracy(model:nn.Module, # a trained classifier
-                  dl, # a loader of (x, y) batches, e.g. `dls.test`
-                  tta:bool=False) -> float: # also average the prediction of each image's mirror image
-    "Accuracy of `model` on `dl` (with left-right flip test-time augmentation when `tta`)"
-    learn = Learner(model, (dl, None), progress=False)
-    p,y = learn.get_preds(dl)
-    if tta:
-        p2,_ = learn.get_preds(TensorLoader(dl.x.flip(-1), dl.y, dl.batch_size))
-        p = p.softmax(-1) + p2.softmax(-1)
-    return float(accuracy(p, y))
+class FlipTTA(nn.Module):
+    "Flip test-time augmentation: the mean of a classifier's probabilities for each image and its left-right mirror image"
+    def __init__(self, model:nn.Module): # a classifier of image batches (N, C, H, W)
+        super().__init__(); self.model = model
+    def forward(self, x): return (self.model(x).softmax(-1) + self.model(x.flip(-1)).softmax(-1)) / 2
 
 # %% ../nbs/03_cnn.ipynb #7374d6e3
 def train_measured(name:str, # a name for the results table
@@ -233,38 +204,28 @@ def train_measured(name:str, # a name for the results table
                    opt_func=torch.optim.AdamW, # optimizer factory `opt_func(params, lr=lr)`
                    loss_func=F.cross_entropy, # training loss
                    sched='one_cycle', # learning-rate schedule of `Learner.fit` (None: constant)
-                   threads:int=2, # torch CPU threads while training
+                   threads:int=None, # torch CPU threads while training; None: the runtime's setting
                    progress:bool=True, # progress bar and epoch table
                    tta:bool=False, # also report the test accuracy with flip test-time augmentation
                    cbs=None): # extra callbacks for the `Learner`
     "Train `model` with `Learner.fit` and measure it: returns the learner and a results row"
-    old = torch.get_num_threads(); torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         learn = Learner(model, dls, loss_func=loss_func, opt_func=opt_func, lr=lr, metrics=[accuracy], progress=progress, cbs=cbs)
         t = time.perf_counter(); learn.fit(epochs, lr, sched=sched); secs = time.perf_counter() - t
         row = dict(model=name, params=count_parameters(model), epochs=epochs, batch_size=dls.train.batch_size,
-                   train_images=len(dls.train.x), test_images=len(dls.test.x), train_s=round(secs, 1),
-                   test_acc=eval_accuracy(model, dls.test))
-        if tta: row['test_acc_tta'] = eval_accuracy(model, dls.test, tta=True)
+                   train_images=len(dls.train.x), test_images=len(dls.test.x), threads=torch.get_num_threads(),
+                   train_s=round(secs, 1), test_acc=accuracy_on(model, dls.test))
+        if tta: row['test_acc_tta'] = accuracy_on(FlipTTA(model), dls.test)
         row['machine'] = machine_info()
-    finally: torch.set_num_threads(old)
     return learn,row
-
-def results_table(rows:list) -> str: # dicts from `train_measured`
-    "The results rows as a Markdown table"
-    keys = list(dict.fromkeys(k for r in rows for k in r if k != 'machine'))
-    fmt = lambda k,v: f"{v:.2%}" if k.startswith('test_acc') else f"{v:,}" if isinstance(v, int) else str(v)
-    lines = ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
-    lines += ['| ' + ' | '.join(fmt(k, r[k]) if k in r else '' for k in keys) + ' |' for r in rows]
-    machines = sorted({r['machine'] for r in rows if 'machine' in r})
-    return '\n'.join(lines + [''] + [f"Machine: {m}" for m in machines])
 
 # %% ../nbs/03_cnn.ipynb #ac2f6f73
 def seed_recipe(model:nn.Module, # e.g. `LeNet(1, 28)` or the seed's `Net()`
                 dls, # `DataLoaders` built with batch_size=4, as the seed's
                 epochs:int=2, # the seed runs 10
-                name:str="seed recipe", progress:bool=True,
-                threads:int=1): # torch CPU threads: at batch 4 a second thread only adds synchronisation
+                name:str="seed recipe", # the row's name
+                progress:bool=True, # progress bar and epoch table
+                threads:int=1): # torch CPU threads (one: see the timing of batch-4 steps in the CNN chapter)
     "Train with the seed's recipe (SGD lr 0.001, momentum 0.9, constant rate) and measure it"
     from functools import partial
     return train_measured(name, model, dls, epochs, lr=0.001, opt_func=partial(torch.optim.SGD, momentum=0.9),
@@ -337,8 +298,9 @@ def train_fashion_cnn(cfg:CNNConfig=None, # the architecture; defaults to `CNNCo
                       dls=None, # Fashion-MNIST `DataLoaders`; defaults to all 60,000 training images
                       limit:int=None, # train on a stratified subset of this many images (when `dls` is None)
                       progress:bool=True, # progress bar and epoch table
-                      name:str="3. strong CNN, BatchNorm, AdamW one-cycle, flips",
-                      return_learner:bool=False): # also return the `Learner` (its `recorder` holds the losses)
+                      name:str="3. strong CNN, BatchNorm, AdamW one-cycle, flips", # the row's name
+                      return_learner:bool=False, # also return the `Learner` (its `recorder` holds the losses)
+                      threads:int=None): # torch CPU threads while training; None: the runtime's setting
     "Train a `FashionCNN` with its recipe; returns the trained model (in eval mode) and its results row (and the learner)"
     from functools import partial
     cfg, r = cfg if cfg is not None else CNNConfig(), recipe if recipe is not None else CNNRecipe()
@@ -351,7 +313,7 @@ def train_fashion_cnn(cfg:CNNConfig=None, # the architecture; defaults to `CNNCo
     data = type(dls)(train, None, dls.test, classes=dls.classes, mean=dls.mean, std=dls.std)
     model = FashionCNN(cfg).to(memory_format=torch.channels_last)
     tb = TimeBudget(r.time_budget) if r.time_budget else None
-    learn,row = train_measured(name, model, data, r.epochs, r.lr, tta=True, progress=progress, cbs=tb, sched='one_cycle',
+    learn,row = train_measured(name, model, data, r.epochs, r.lr, tta=True, progress=progress, cbs=tb, sched='one_cycle', threads=threads,
                                opt_func=partial(torch.optim.AdamW, weight_decay=r.weight_decay),
                                loss_func=partial(F.cross_entropy, label_smoothing=r.label_smoothing))
     if tb is not None: row['epochs'] = round(learn.train_iter / len(train), 2)
@@ -382,7 +344,6 @@ def feature_maps(model:nn.Module, # the network
                  x:torch.Tensor, # one batch of inputs
                  layers:list=None) -> dict: # the modules to record; defaults to every `ConvBN` (or `nn.Conv2d`)
     "The output of each module in `layers` for `x`, recorded with forward hooks: {name: tensor}"
-    import matplotlib.pyplot as plt
     named = dict(model.named_modules())
     if layers is None:
         layers = [n for n,m in named.items() if isinstance(m, ConvBN)] or [n for n,m in named.items() if isinstance(m, nn.Conv2d)]

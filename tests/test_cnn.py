@@ -1,5 +1,6 @@
-"Tests of `bigmodel_nb.cnn` beyond the chapter: from-scratch conv/pool vs torch on random shapes (outputs and gradients), the output-size rule, the seed's shapes, bad inputs, the CIFAR-format path, save/load of the trained CNN."
+"Tests of `bigmodel_nb.cnn` beyond the chapter: from-scratch conv/pool vs torch on random shapes (outputs and gradients), the output-size rule, the seed's shapes, bad inputs, the CIFAR-format path, the configs, the opt-in time budget, flip TTA, save/load of the trained CNN."
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -8,9 +9,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from bigmodel_nb import cnn
-from bigmodel_nb.cnn import (Conv2d, FashionCNN, LeNet, MaxPool2d, Net, avg_pool2d, check_against, cnn_config,
-                             conv2d, conv_out_size, get_trained_cnn, im2col, load_cnn, max_pool2d, save_cnn)
-from bigmodel_nb.data import write_cifar_batches
+from bigmodel_nb.cnn import (CNNConfig, CNNRecipe, Conv2d, FashionCNN, FlipTTA, LeNet, MaxPool2d, avg_pool2d, conv2d,
+                             conv_out_size, get_trained_cnn, im2col, load_cnn, max_pool2d, save_cnn, train_fashion_cnn)
+from bigmodel_nb.concepts import Net, check_against
+from bigmodel_nb.data import image_dataloaders, write_cifar_batches
+from bigmodel_nb.learner import accuracy_on
 
 torch.set_num_threads(1)
 
@@ -137,23 +140,44 @@ def test_seed_cifar10_on_fixture(tmp_path):
     batch = lambda n: (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % 10)
     folder = write_cifar_batches(tmp_path/'cifar-10-batches-py', {'data_batch_1': batch(40), 'data_batch_2': batch(40), 'test_batch': batch(20)})
     learn, row = cnn.seed_cifar10(epochs=1, path=folder, progress=False)
-    assert isinstance(learn.model, Net) and row['batch_size'] == 4 and row['train_images'] == 80
-    assert 0 <= row['test_acc'] <= 1 and len(learn.recorder.losses) == 20
+    assert isinstance(learn.model, Net) and row['batch_size'] == 4 and row['train_images'] == 80 and row['threads'] == 1
+    assert len(learn.recorder.losses) == 20 and row['test_images'] == 20
+    # the reported accuracy is the trained model's, on the 20 test images normalised with the training statistics
+    dls = image_dataloaders('cifar10', batch_size=4, valid_pct=0.0, path=folder, verbose=False)
+    with torch.no_grad(): preds = learn.model.eval()(dls.test.x).argmax(-1)
+    assert row['test_acc'] == int((preds == dls.test.y).sum()) / 20
+    torch.manual_seed(0)
+    start = Net().state_dict()   # seed_cifar10 seeds torch with 0 before building its Net: the same starting weights
+    assert all(not torch.equal(start[k], v) for k, v in learn.model.state_dict().items())   # 20 SGD steps moved every tensor
 
 
 # --- the strong CNN: config, save/load, get_trained_cnn -----------------------------------------------
 
-def test_cnn_config_and_size():
-    assert sum(p.numel() for p in FashionCNN().parameters()) <= 500_000
-    assert json.loads(json.dumps(cnn_config())) == cnn_config()
-    with pytest.raises(ValueError, match='unknown keys'): cnn_config(lr_max=1)
-    with pytest.raises(ValueError, match='same length'): cnn_config(channels=[8, 16], convs=[1])
-    small = FashionCNN(cnn_config(channels=[4, 8], convs=[1, 1]))
+def test_cnn_config_and_recipe():
+    assert sum(p.numel() for p in FashionCNN().parameters()) == 390_890
+    assert CNNConfig(**json.loads(json.dumps(asdict(CNNConfig())))) == CNNConfig()   # survives JSON (tuples come back as lists)
+    assert CNNRecipe(**json.loads(json.dumps(asdict(CNNRecipe())))) == CNNRecipe()
+    assert CNNRecipe().time_budget is None and CNNRecipe().epochs == 7          # fixed epochs unless a budget is asked for
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lr_max'"): CNNRecipe(lr_max=1)
+    with pytest.raises(ValueError, match='same length'): CNNConfig(channels=[8, 16], convs=[1])
+    with pytest.raises(TypeError, match='takes a CNNConfig, got dict'): FashionCNN({'channels': [4, 8]})
+    small = FashionCNN(CNNConfig(channels=[4, 8], convs=[1, 1]))
     assert small(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_flip_tta_is_mirror_invariant():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 5, 4))
+    x = torch.randn(8, 2, 3, 5)
+    with torch.no_grad():
+        p = FlipTTA(m)(x)
+        assert torch.allclose(p.sum(-1), torch.ones(8)) and torch.allclose(p, FlipTTA(m)(x.flip(-1)), atol=1e-6)
+        assert not torch.allclose(p, FlipTTA(m)(x.flip(-2)), atol=1e-3)
+        assert torch.allclose(p, (m(x).softmax(-1) + m(x.flip(-1)).softmax(-1)) / 2)
+
+
 def test_save_load_roundtrip(tmp_path):
-    m = FashionCNN(cnn_config(channels=[4, 8], convs=[1, 2])).eval()
+    m = FashionCNN(CNNConfig(channels=[4, 8], convs=[1, 2])).eval()
     path = save_cnn(m, tmp_path/'m.safetensors', info={'test_acc': 0.5})
     assert path.with_suffix('.json').is_file()
     m2 = load_cnn(path)
@@ -167,27 +191,39 @@ def test_save_load_roundtrip(tmp_path):
 
 def test_get_trained_cnn_loads_a_matching_model_and_retrains_otherwise(tmp_path, monkeypatch):
     calls = []
-    def fake_train(cfg, limit=None, progress=True):  # stands in for 5 minutes of training
-        calls.append(cfg); m = FashionCNN(cfg).eval()
+    def fake_train(cfg, recipe, limit=None, progress=True):  # stands in for minutes of training
+        calls.append((cfg, recipe, limit)); m = FashionCNN(cfg).eval()
         return m, {'test_acc': 0.9, 'train_s': 1.0}
     monkeypatch.setattr(cnn, 'train_fashion_cnn', fake_train)
-    small = dict(channels=[4, 8], convs=[1, 1])
+    small = CNNConfig(channels=[4, 8], convs=[1, 1])
     path = tmp_path/'models'/'fashion_cnn.safetensors'
     m1 = get_trained_cnn(path, cfg=small, verbose=False)
-    assert len(calls) == 1 and path.is_file() and m1.cfg == cnn_config(**small)
+    assert len(calls) == 1 and path.is_file() and m1.cfg == small and calls[0][1:] == (CNNRecipe(), None)
     m2 = get_trained_cnn(path, cfg=small, verbose=False)  # loaded, not retrained
     assert len(calls) == 1
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad(): assert torch.allclose(m1(x), m2(x))
-    get_trained_cnn(path, cfg=dict(small, epochs=2), verbose=False)  # another config: retrained
+    get_trained_cnn(path, cfg=small, recipe=CNNRecipe(epochs=2), verbose=False)  # another recipe: retrained
     assert len(calls) == 2
+    get_trained_cnn(path, cfg=CNNConfig(channels=[4, 8], convs=[1, 2]), recipe=CNNRecipe(epochs=2), verbose=False)  # another architecture
+    assert len(calls) == 3
+    get_trained_cnn(tmp_path/'q.safetensors', quick=True, cfg=small, verbose=False)   # quick: 1 epoch on 6,000 images
+    assert calls[-1][1:] == (CNNRecipe(epochs=1), 6000)
     assert cnn.cnn_path().parent == tmp_path/'cache'/'models'  # the default lives in the user cache
 
 
-def test_time_budget_stops_a_fit():
-    from bigmodel_nb.data import TensorLoader
-    from bigmodel_nb.learner import Learner
-    tb = cnn.TimeBudget(0.3)
-    learn = Learner(nn.Linear(4, 2), (TensorLoader(torch.randn(32, 4), torch.randint(0, 2, (32,)), 8), None), progress=False, cbs=[tb])
-    learn.fit(100_000, 1e-2, sched=tb.sched)
-    assert learn.epoch < 99_999 and tb.progress() == 1.0
+def _digits_cnn_setup():
+    dls = image_dataloaders('digits', batch_size=64, valid_pct=0.0, verbose=False)
+    return dls, CNNConfig(size=8, channels=(8, 16), convs=(1, 1), hidden=32)
+
+
+def test_recipe_time_budget_is_opt_in():
+    dls, cfg = _digits_cnn_setup()
+    model, row = train_fashion_cnn(cfg, CNNRecipe(epochs=10_000, batch_size=64, time_budget=1.0), dls=dls, progress=False)
+    assert row['epochs'] < 10_000 and row['train_s'] < 15       # the clock stopped it (1 s budget; slack for a busy machine)
+    assert row['threads'] == torch.get_num_threads() == 1       # threads=None leaves the runtime's setting
+    m1, r1 = train_fashion_cnn(cfg, CNNRecipe(epochs=2, batch_size=64), dls=dls, progress=False)
+    m2, r2 = train_fashion_cnn(cfg, CNNRecipe(epochs=2, batch_size=64), dls=dls, progress=False)
+    assert r1['epochs'] == 2 and r1['test_acc'] == r2['test_acc']   # no budget: fixed epochs, the same model again
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()): assert torch.equal(a, b), k
+    assert r1['test_acc'] == accuracy_on(m1, dls.test) and r1['test_acc'] > 0.5   # 2 epochs on the digits learn something

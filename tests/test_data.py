@@ -1,5 +1,5 @@
 "Tests of `bigmodel_nb.data` that do not belong in the chapter: the source chain's errors, corrupt files, fixtures, properties."
-import gzip, io, os, pickle, urllib.error, urllib.request
+import io, pickle, urllib.error, urllib.request
 from pathlib import Path
 
 import pytest
