@@ -6,7 +6,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/compression.html.md"""
 
 # %% ../nbs/07_compression.ipynb #2f8ed5d1
 from __future__ import annotations
-import contextlib, copy, io, logging, os, statistics, tempfile, time, warnings, zlib
+import contextlib, copy, io, logging, os, tempfile, time, warnings, zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,18 +21,17 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_dynamic as _ort_qdynamic, quantize_static as _ort_qstatic)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .concepts import human_bytes
-from .concepts import time_calls
+from .concepts import atomic_write, human_bytes, interleaved_rounds, markdown_table, time_stats, torch_threads
 from .data import DataLoaders, TensorLoader
-from .learner import Learner, accuracy
+from .learner import Learner, accuracy, accuracy_on
 
 # %% auto #0
-__all__ = ['PRUNABLE', 'file_size', 'zipped_size', 'save_torch', 'timings', 'latency', 'accuracy_of', 'quantize_int8',
-           'dequantize_int8', 'quantize_dynamic_int8', 'quantize_static_int8', 'fold_pooled_batchnorm', 'export_onnx',
-           'ort_providers', 'ort_session', 'ort_predictor', 'LoaderCalibrationReader', 'ort_quantize_dynamic',
-           'ort_quantize_static', 'prunable', 'sparsity', 'layer_sparsity', 'prune_global', 'prune_channels',
-           'make_permanent', 'finetune', 'recalibrate_bn', 'prune_finetune', 'save_sparse', 'load_sparse', 'measure',
-           'compression_report', 'compression_table', 'check_goals']
+__all__ = ['PRUNABLE', 'file_size', 'zipped_size', 'save_torch', 'quantize_int8', 'dequantize_int8', 'quantize_dynamic_int8',
+           'quantize_static_int8', 'fold_pooled_batchnorm', 'export_onnx', 'ort_providers', 'ort_session',
+           'ort_predictor', 'LoaderCalibrationReader', 'ort_quantize_dynamic', 'ort_quantize_static', 'prunable',
+           'sparsity', 'layer_sparsity', 'prune_global', 'prune_channels', 'make_permanent', 'finetune',
+           'recalibrate_bn', 'prune_finetune', 'save_sparse', 'load_sparse', 'measure', 'time_rows', 'add_ratios',
+           'torch_variants', 'ort_variants', 'pruned_variant', 'compression_report', 'compression_table', 'check_goals']
 
 # %% ../nbs/07_compression.ipynb #9651b8f4
 def file_size(path) -> int: # a file
@@ -54,38 +53,6 @@ def save_torch(model:nn.Module, # fp32, quantized, or pruned (after `make_perman
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, path)
     return path
-
-# %% ../nbs/07_compression.ipynb #f33ad750
-def timings(fn, # called as `fn(x)`
-            x, # its input
-            warmup:int=3, # untimed calls first
-            repeats:int=20, # timed calls
-            threads:int=2) -> list: # torch intra-op threads while timing (ONNX Runtime sets its own in the session)
-    "Wall-clock milliseconds of each of `repeats` calls `fn(x)` (the CNN chapter's `time_calls`) under `inference_mode`, with `threads` torch threads"
-    old = torch.get_num_threads(); torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode(): ts = time_calls(lambda: fn(x), repeats, warmup)
-    finally: torch.set_num_threads(old)
-    return [t * 1e3 for t in ts]
-
-def latency(fn, x, warmup:int=3, repeats:int=20, threads:int=2) -> float:
-    "Median milliseconds of `fn(x)` (see `timings`)"
-    return statistics.median(timings(fn, x, warmup, repeats, threads))
-
-# %% ../nbs/07_compression.ipynb #7d8643f9
-def accuracy_of(predict, # `predict(x)` returns logits, a tensor or NumPy array
-                  dl, # iterable of `(x, y)` batches
-                  limit:int=None) -> float: # stop after this many items
-    "Accuracy of `predict` over the batches of `dl`"
-    correct = n = 0
-    with torch.inference_mode():
-        for x, y in dl:
-            if limit is not None and n >= limit: break
-            if limit is not None: x, y = x[:limit - n], y[:limit - n]
-            out = predict(x)
-            p = out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
-            correct += int((p.argmax(-1) == y).sum()); n += len(y)
-    return correct / n
 
 # %% ../nbs/07_compression.ipynb #623c0306
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -127,13 +94,16 @@ def dequantize_int8(q:torch.Tensor, # int8 tensor from `quantize_int8`
     return q.float() * (s.reshape(-1, *[1] * (q.dim() - 1)) if len(s) > 1 else s)
 
 # %% ../nbs/07_compression.ipynb #19d5516a
-def quantize_dynamic_int8(model:nn.Module, # a float model (left untouched)
+def quantize_dynamic_int8(model:nn.Module, # a float model (left untouched), or one bare layer such as an `nn.LSTM`
                           layers=(nn.Linear, nn.LSTM, nn.GRU), # layer types to quantize
                           backend:str='x86') -> nn.Module: # quantized engine: 'x86', 'fbgemm', 'qnnpack', ...
     "Dynamic INT8 copy of `model`: int8 weights, activations quantized per batch at run time (eager `quantize_dynamic`)"
     _need(model, tuple(layers), 'dynamic quantization'); _engine(backend)
+    m = copy.deepcopy(model).cpu().eval()
+    bare = isinstance(m, tuple(layers))  # `quantize_dynamic` swaps children only: a bare layer becomes a child first
     with _quiet():
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu().eval(), set(layers), dtype=torch.qint8)
+        q = torch.ao.quantization.quantize_dynamic(nn.Sequential(m) if bare else m, set(layers), dtype=torch.qint8)
+    return q[0] if bare else q
 
 # %% ../nbs/07_compression.ipynb #3042f68d
 def _batches(calib, n):
@@ -217,11 +187,12 @@ def fold_pooled_batchnorm(model:onnx.ModelProto, # an exported float model
     return m, folds
 
 
-# %% ../nbs/07_compression.ipynb #02f7c3be
+# %% ../nbs/07_compression.ipynb #90299668
 def _as_tuple(x): return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 def _device(model): return next(model.parameters(), torch.empty(0)).device
 
+# %% ../nbs/07_compression.ipynb #95cfeb71
 def export_onnx(model:nn.Module, # the model; exported in eval mode, its mode restored afterwards
                 example, # an example input batch (a tensor, or a tuple of tensors); any batch size
                 path, # the `.onnx` file to write: one file, the weights inside
@@ -233,42 +204,41 @@ def export_onnx(model:nn.Module, # the model; exported in eval mode, its mode re
                 quiet:bool=True, # hide the exporter's progress lines
                 fold_bn:bool=True, # fold batch norms that follow a max-pool into the conv before it (`fold_pooled_batchnorm`)
                ) -> Path:
-    "Export `model` with the dynamo exporter to one checked `.onnx` file, written atomically."
+    "Export `model` with the dynamo exporter to one checked `.onnx` file, written atomically (`atomic_write`)."
     path, example = Path(path), _as_tuple(example)
     if len(input_names) != len(example):
-        raise ValueError(f"{len(example)} example inputs but {len(input_names)} input_names {list(input_names)}")
+        raise ValueError(f"export_onnx: {len(example)} example inputs but {len(input_names)} input_names "
+                         f"{list(input_names)}; pass one name per input")
     example = tuple(t.to(_device(model)) for t in example)
     dyn = tuple({0: torch.export.Dim('batch')} for _ in example) if dynamic_batch else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, part = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part'); os.close(fd)
     was_training = model.training
     try:
         model.eval()
-        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            torch.onnx.export(model, example, part, dynamo=True, external_data=False, input_names=list(input_names),
-                              output_names=list(output_names), dynamic_shapes=dyn, opset_version=opset)
-        if fold_bn or check:
-            proto = onnx.load(part)
-            if fold_bn:
-                proto, n = fold_pooled_batchnorm(proto)
-                if n: onnx.save(proto, part)
-            if check: onnx.checker.check_model(proto, full_check=True)
-        os.replace(part, path)
-    finally:
-        model.train(was_training)
-        if os.path.exists(part): os.unlink(part)
+        with atomic_write(path) as part:
+            with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+                torch.onnx.export(model, example, str(part), dynamo=True, external_data=False, input_names=list(input_names),
+                                  output_names=list(output_names), dynamic_shapes=dyn, opset_version=opset)
+            if fold_bn or check:
+                proto = onnx.load(part)
+                if fold_bn:
+                    proto, n = fold_pooled_batchnorm(proto)
+                    if n: onnx.save(proto, part)
+                if check: onnx.checker.check_model(proto, full_check=True)
+    finally: model.train(was_training)
     return path
 
+# %% ../nbs/07_compression.ipynb #5d174be4
 def ort_providers(gpu:bool=True) -> list: # use CUDA when this onnxruntime build has it
     "ONNX Runtime providers: CUDA then CPU when the CUDA provider is available and `gpu`, else the CPU alone."
     cuda = gpu and 'CUDAExecutionProvider' in ort.get_available_providers()
     return ['CUDAExecutionProvider', 'CPUExecutionProvider'] if cuda else ['CPUExecutionProvider']
 
+# %% ../nbs/07_compression.ipynb #744c8656
 def ort_session(model, # an `.onnx` path, or the model's serialized bytes
                 threads:int|None=None, # intra-op threads; None: as many as torch uses
                 providers=None, # None: `ort_providers()`
                 optimize:bool=True, # every graph optimization (ORT_ENABLE_ALL), else the basic ones
-                spin:bool=False, # idle intra-op threads busy-wait for work (see the note below)
+                spin:bool=False, # idle intra-op threads busy-wait for work (see the deployment chapter)
                ) -> ort.InferenceSession:
     "An ONNX Runtime session with explicit threads, providers and graph optimizations."
     so = ort.SessionOptions()
@@ -282,8 +252,9 @@ def ort_session(model, # an `.onnx` path, or the model's serialized bytes
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
                                 providers=providers or ort_providers())
 
+# %% ../nbs/07_compression.ipynb #e81dd102
 def ort_predictor(model, # an `.onnx` path or an `InferenceSession`
-                  threads:int=2): # intra-op threads, when a path is given
+                  threads:int|None=None): # intra-op threads, when a path is given; None: as many as torch uses
     "A function `f(x: Tensor) -> Tensor` of logits that runs the ONNX model in ONNX Runtime"
     sess = model if isinstance(model, ort.InferenceSession) else ort_session(model, threads)
     name = sess.get_inputs()[0].name
@@ -291,7 +262,7 @@ def ort_predictor(model, # an `.onnx` path or an `InferenceSession`
     predict.session = sess
     return predict
 
-# %% ../nbs/07_compression.ipynb #484e13e9
+# %% ../nbs/07_compression.ipynb #2941c655
 class LoaderCalibrationReader(CalibrationDataReader):
     "Feeds ONNX Runtime's calibrator `n_batches` real input batches from a loader"
     def __init__(self, calib, # a loader of `(x, y)` batches, or a list of input tensors
@@ -304,6 +275,7 @@ class LoaderCalibrationReader(CalibrationDataReader):
         return None if x is None else {self.name: np.ascontiguousarray(x.numpy(), dtype=np.float32)}
     def rewind(self): self._it = iter(self.xs)
 
+# %% ../nbs/07_compression.ipynb #7ff64216
 def _check_onnx(path):
     if not Path(path).exists(): raise FileNotFoundError(f"no ONNX file at {path}; write one with `export_onnx(model, example, path)`")
 
@@ -321,6 +293,7 @@ def ort_quantize_dynamic(onnx_path, # a float `.onnx` model
         _ort_qdynamic(str(_preprocessed(onnx_path, tmp)), str(out), weight_type=QuantType.QInt8, per_channel=per_channel)
     return out
 
+# %% ../nbs/07_compression.ipynb #c9c76a5d
 def ort_quantize_static(onnx_path, # a float `.onnx` model with input `input_name`
                         out, # the quantized `.onnx` file to write
                         calib, # a loader of `(x, y)` batches (real training data), or a list of input tensors
@@ -386,17 +359,19 @@ def make_permanent(model:nn.Module) -> nn.Module: # a pruned model, changed in p
         for name in [k[:-5] for k, _ in m.named_buffers(recurse=False) if k.endswith('_mask')]: prune.remove(m, name)
     return model
 
-# %% ../nbs/07_compression.ipynb #fc8192f1
+# %% ../nbs/07_compression.ipynb #4c41083e
 def finetune(model:nn.Module, # the model (e.g. pruned, with masks), trained in place
              dls, # `DataLoaders` (or a `(train, valid)` pair)
              epochs:int=1, # epochs
              lr:float=1e-3, # peak of the one-cycle schedule
              progress:bool=False, # show the Learner's progress bar
-             device=None) -> nn.Module: # default: CUDA when available
-    "A short fine-tune with the `Learner`; masked weights stay zero because the mask multiplies them in every forward"
-    Learner(model, dls, lr=lr, metrics=accuracy, progress=progress, device=device).fit(epochs)
+             device=None, # default: the concepts chapter's `default_device()`
+             cbs=None) -> nn.Module: # extra callbacks for this fit
+    "A short one-cycle fine-tune (`Learner.fit_one_cycle`); masked weights stay zero because the mask multiplies them in every forward"
+    Learner(model, dls, lr=lr, metrics=accuracy, progress=progress, device=device).fit_one_cycle(epochs, lr, cbs=cbs)
     return model.cpu().eval()
 
+# %% ../nbs/07_compression.ipynb #3d0bdb02
 def recalibrate_bn(model:nn.Module, # changed in place
                    dl, # batches `(x, y)` of training data
                    n_batches:int=20) -> nn.Module: # batches to average over
@@ -415,6 +390,7 @@ def recalibrate_bn(model:nn.Module, # changed in place
         for b, m in zip(bns, moms): b.momentum = m
     return model.eval()
 
+# %% ../nbs/07_compression.ipynb #35518fbe
 def prune_finetune(model:nn.Module, # the trained model (left untouched)
                    dls, # data to fine-tune on
                    amount:float, # fraction to prune, in [0, 1)
@@ -460,7 +436,7 @@ def load_sparse(path) -> dict: # a file written by `save_sparse`
         warnings.filterwarnings('ignore', message='.*Sparse CSR tensor support is in beta')
         return {k: dense(v) for k, v in torch.load(path, weights_only=True).items()}
 
-# %% ../nbs/07_compression.ipynb #b1b09d12
+# %% ../nbs/07_compression.ipynb #63982292
 def _plain(dl, n=None):
     "A loader of the same tensors without augmentation (and only the first `n` items)"
     if not hasattr(dl, 'x'): return dl
@@ -475,35 +451,43 @@ def _first(dl, n):
         if k >= n: break
     return torch.cat(xs)[:n]
 
+# %% ../nbs/07_compression.ipynb #ab69db9e
 def measure(name:str, # row label
-            predict, # `predict(x)` returns logits
+            predict, # an `nn.Module`, or `predict(x)` returning logits (tensor or NumPy)
             path, # the model's file on disk
             test_dl, # test batches `(x, y)`
             kind:str='fp32', # 'fp32', 'int8' or 'pruned'
             runtime:str='torch', # what runs it
             n_test:int=None, # test items used for accuracy (default: all)
-            repeats:int=20, # timed calls per batch size (0: do not time)
             sparsity:float=None, # of the weights, for pruned models
             csr_path=None) -> dict: # the same weights in CSR form, for pruned models
-    "One row: file size (raw, zipped, CSR), median latency at batch 1 and 64 (2 threads), test accuracy"
-    row = dict(model=name, kind=kind, runtime=runtime, file=Path(path).name, size=file_size(path), zipped=zipped_size(path),
-               csr=None if csr_path is None else file_size(csr_path), accuracy=accuracy_of(predict, test_dl, n_test), sparsity=sparsity)
-    if repeats: _time_rows([(row, predict)], _first(test_dl, 64), repeats, rounds=1)
-    return row
+    "One row of the table, latencies aside (`time_rows` adds them): file size (raw, zipped, CSR) and test accuracy"
+    return dict(model=name, kind=kind, runtime=runtime, file=Path(path).name, size=file_size(path), zipped=zipped_size(path),
+                csr=None if csr_path is None else file_size(csr_path), accuracy=accuracy_on(predict, test_dl, n_test),
+                sparsity=sparsity)
 
-def _time_rows(entries, x64, repeats, rounds, threads=2):
-    "Median latency at batch 1 and 64 of each `(row, predict)`, timed in `rounds` interleaved rounds (order rotated)"
-    per = {(i, b): [] for i in range(len(entries)) for b in (1, 64)}
-    for r in range(rounds):
-        order = list(range(len(entries))); order = order[r % len(order):] + order[:r % len(order)]
-        for i in (order if r % 2 == 0 else order[::-1]):
-            for b in (1, 64): per[i, b].append(timings(entries[i][1], x64[:b], warmup=2, repeats=repeats, threads=threads))
-    for i, (row, _) in enumerate(entries):
-        for b in (1, 64):
-            row[f'ms_b{b}'] = statistics.median(statistics.median(t) for t in per[i, b])
-            row[f'min_ms_b{b}'] = min(min(t) for t in per[i, b])
+# %% ../nbs/07_compression.ipynb #2bd6a213
+def time_rows(rows:list, # rows from `measure`; each gets its latencies
+              predicts:list, # each row's model or function, called as `predict(x)`
+              x, # at least 64 inputs: batch 64 is `x[:64]`, batch 1 `x[:1]`
+              repeats:int=10, # timed calls per model, batch size and round
+              rounds:int=3, # interleaved rounds (`interleaved_rounds`: the order rotates each round)
+              threads:int|None=None, # torch intra-op threads while timing; None: the runtime's own setting
+              warmup:int=2) -> list: # untimed calls before each turn
+    "Add each row's latency in seconds at batch 1 and 64: `s_b1`, `s_b64` (median of every timed call), `min_s_b1`, `min_s_b64`"
+    if len(rows) != len(predicts): raise ValueError(f"time_rows: {len(rows)} rows but {len(predicts)} predictors; pass one per row")
+    if len(x) < 64: raise ValueError(f"time_rows: x holds {len(x)} inputs, batch 64 needs at least 64; pass more test inputs")
+    runners = {(i, b): (lambda f=f, xb=x[:b]: f(xb)) for i, f in enumerate(predicts) for b in (1, 64)}
+    with torch_threads(threads), torch.inference_mode():
+        times = interleaved_rounds(runners, rounds=rounds, repeats=repeats, warmup=warmup)
+    for (i, b), ts in times.items():
+        st = time_stats(ts)
+        rows[i][f's_b{b}'], rows[i][f'min_s_b{b}'] = st['median'], st['min']
+    return rows
 
-def _add_ratios(rows):
+# %% ../nbs/07_compression.ipynb #c98052c8
+def add_ratios(rows:list) -> list: # rows from `measure`, with an fp32 row for each runtime
+    "Add `ratio` (file size / the same runtime's fp32 file) and `delta` (accuracy minus fp32's, in points) to each row"
     base = {r['runtime']: r for r in rows if r['kind'] == 'fp32'}
     for r in rows:
         b = base.get(r['runtime'])
@@ -511,7 +495,54 @@ def _add_ratios(rows):
         r['delta'] = None if b is None else 100 * (r['accuracy'] - b['accuracy'])
     return rows
 
-# %% ../nbs/07_compression.ipynb #2a02a5e0
+# %% ../nbs/07_compression.ipynb #4db27691
+def torch_variants(model:nn.Module, # the float model (left untouched)
+                   calib, # calibration batches for static INT8
+                   out_dir, # where the `.pt` files are written
+                   n_calib:int=10) -> list: # calibration batches
+    "PyTorch fp32, dynamic INT8 and static INT8 (FX): `measure`'s arguments for each, its file written"
+    out, dyn, stat = Path(out_dir), quantize_dynamic_int8(model), quantize_static_int8(model, calib, n_calib)
+    return [dict(name='fp32', predict=model, path=save_torch(model, out/'fp32.pt')),
+            dict(name='INT8 dynamic (Linear only)', predict=dyn, path=save_torch(dyn, out/'int8_dynamic.pt'), kind='int8'),
+            dict(name='INT8 static (FX, per-channel)', predict=stat, path=save_torch(stat, out/'int8_static.pt'), kind='int8')]
+
+# %% ../nbs/07_compression.ipynb #7726702c
+def ort_variants(onnx_path, # the exported float model (`export_onnx`)
+                 calib, # calibration batches for static INT8
+                 out_dir, # where the quantized `.onnx` files are written
+                 n_calib:int=10, # calibration batches
+                 threads:int|None=None) -> list: # ONNX Runtime intra-op threads; None: as many as torch uses
+    "ONNX Runtime fp32, dynamic INT8 and static INT8 (QDQ): `measure`'s arguments for each, its file written"
+    out, ort_ = Path(out_dir), dict(runtime='onnxruntime')
+    dyn = ort_quantize_dynamic(onnx_path, out/'int8_dynamic.onnx')
+    stat = ort_quantize_static(onnx_path, out/'int8_static_qdq.onnx', calib, n_calib)
+    return [dict(name='fp32', predict=ort_predictor(onnx_path, threads), path=Path(onnx_path), **ort_),
+            dict(name='INT8 dynamic', predict=ort_predictor(dyn, threads), path=dyn, kind='int8', **ort_),
+            dict(name='INT8 static (QDQ, per-channel)', predict=ort_predictor(stat, threads), path=stat, kind='int8', **ort_)]
+
+# %% ../nbs/07_compression.ipynb #bb2c3369
+def pruned_variant(model:nn.Module, # the trained float model (left untouched)
+                   ft, # data to fine-tune on (`DataLoaders`, or a `(train, valid)` pair)
+                   out_dir, # where the dense and CSR files are written
+                   amount:float, # fraction to prune, in [0, 1)
+                   method:str='global', # 'global' (unstructured L1) or 'channels' (structured L2 on conv outputs)
+                   epochs:int=1, # fine-tuning epochs
+                   lr:float=2e-3) -> dict: # fine-tuning peak learning rate
+    "Prune and fine-tune a copy (`prune_finetune`), write it dense and in CSR form: `measure`'s arguments"
+    m = prune_finetune(model, ft, amount, method, epochs, lr)
+    name, tag = ((f'{amount:.0%} pruned (global L1)', 'pruned') if method == 'global' else (f'{amount:.0%} conv channels (L2)', 'channels'))
+    out, tag = Path(out_dir), f'{tag}_{round(100 * amount)}'
+    return dict(name=name, predict=m, path=save_torch(m, out/f'{tag}.pt'), kind='pruned', sparsity=sparsity(m),
+                csr_path=save_sparse(m, out/f'{tag}_csr.pt'))
+
+# %% ../nbs/07_compression.ipynb #eb88b639
+def _step(what, f, verbose):
+    "Run `f()` and return its result, printing how long it took when `verbose`"
+    t0 = time.perf_counter(); r = f()
+    if verbose: print(f"[compress] {what}: {time.perf_counter() - t0:.1f} s")
+    return r
+
+# %% ../nbs/07_compression.ipynb #c22505fa
 def compression_report(model:nn.Module, # the trained float model (left untouched)
                        dls, # `DataLoaders` with `.train` (calibration, fine-tuning) and `.test` (accuracy, latency)
                        out_dir='compressed', # where the model files are written
@@ -524,74 +555,58 @@ def compression_report(model:nn.Module, # the trained float model (left untouche
                        n_test:int=None, # test items for accuracy (default: all)
                        repeats:int=10, # timed calls per model, batch size and round
                        rounds:int=3, # interleaved timing rounds (spreads a shared machine's load over all models)
-                       threads:int=2, # torch and ONNX Runtime intra-op threads
+                       threads:int|None=None, # torch and ONNX Runtime intra-op threads; None: the runtime's own setting
                        with_ort:bool=True, # also ONNX fp32, ORT dynamic and ORT static QDQ
                        verbose:bool=True) -> list: # print each step and its time
     "Compress `model` every way this chapter knows, measure each result, and return the rows (dicts) of one table"
     _need(model, PRUNABLE, 'compression_report')
     for a in list(amounts) + [channel_amount]: _check_amount(a)
-    out, model, rows = Path(out_dir), copy.deepcopy(model).cpu().eval(), []
+    out, model = Path(out_dir), copy.deepcopy(model).cpu().eval()
     test, calib = _plain(dls.test), _plain(dls.train)
     ft = DataLoaders(_plain(dls.train, finetune_limit), None)  # no validation pass while fine-tuning
-    kw, entries = dict(n_test=n_test, repeats=0), []
-    def step(what, f):
-        t0 = time.perf_counter(); r = f()
-        if verbose: print(f"[compress] {what}: {time.perf_counter() - t0:.1f} s")
-        return r
-    def add(name, predict, *args, **kwargs):
-        row = measure(name, predict, *args, **kwargs); entries.append((row, predict))
-        return row
-    rows.append(step('fp32', lambda: add('fp32', model, save_torch(model, out/'fp32.pt'), test, **kw)))
-    def dyn():
-        q = quantize_dynamic_int8(model)
-        return add('INT8 dynamic (Linear only)', q, save_torch(q, out/'int8_dynamic.pt'), test, 'int8', **kw)
-    rows.append(step('torch dynamic INT8', dyn))
-    def static():
-        q = quantize_static_int8(model, calib, n_calib)
-        return add('INT8 static (FX, per-channel)', q, save_torch(q, out/'int8_static.pt'), test, 'int8', **kw)
-    rows.append(step('torch static INT8', static))
-    if with_ort:
-        onnx = step('ONNX export', lambda: export_onnx(model, _first(test, 2), out/'fp32.onnx'))
-        rows.append(step('ORT fp32', lambda: add('fp32', ort_predictor(onnx, threads), onnx, test, 'fp32', 'onnxruntime', **kw)))
-        def od():
-            p = ort_quantize_dynamic(onnx, out/'int8_dynamic.onnx')
-            return add('INT8 dynamic', ort_predictor(p, threads), p, test, 'int8', 'onnxruntime', **kw)
-        rows.append(step('ORT dynamic INT8', od))
-        def ost():
-            p = ort_quantize_static(onnx, out/'int8_static_qdq.onnx', calib, n_calib)
-            return add('INT8 static (QDQ, per-channel)', ort_predictor(p, threads), p, test, 'int8', 'onnxruntime', **kw)
-        rows.append(step('ORT static INT8', ost))
-    prunes = [(f'{a:.0%} pruned (global L1)', a, 'global', f'pruned_{round(100 * a)}') for a in amounts]
-    if channel_amount: prunes.append((f'{channel_amount:.0%} conv channels (L2)', channel_amount, 'channels', f'channels_{round(100 * channel_amount)}'))
-    for name, a, method, tag in prunes:
-        def pr():
-            m = prune_finetune(model, ft, a, method, epochs, lr)
-            return add(name, m, save_torch(m, out/f'{tag}.pt'), test, 'pruned', sparsity=sparsity(m),
-                           csr_path=save_sparse(m, out/f'{tag}_csr.pt'), **kw)
-        rows.append(step(f'{name} + {epochs} epoch fine-tune', pr))
-    step(f'latency, {rounds} interleaved rounds', lambda: _time_rows(entries, _first(test, 64), repeats, rounds, threads))
-    return _add_ratios(rows)
+    step = lambda what, f: _step(what, f, verbose)
+    with torch_threads(threads):
+        vs = step('PyTorch fp32, dynamic and static INT8', lambda: torch_variants(model, calib, out, n_calib))
+        if with_ort:
+            onnx_path = step('ONNX export', lambda: export_onnx(model, _first(test, 2), out/'fp32.onnx'))
+            vs += step('ONNX Runtime dynamic and static INT8', lambda: ort_variants(onnx_path, calib, out, n_calib, threads))
+        plan = [(a, 'global') for a in amounts] + ([(channel_amount, 'channels')] if channel_amount else [])
+        for a, method in plan:
+            vs.append(step(f'{a:.0%} {method} pruning + {epochs} epoch fine-tune', lambda: pruned_variant(model, ft, out, a, method, epochs, lr)))
+        rows = step('size and accuracy', lambda: [measure(**v, test_dl=test, n_test=n_test) for v in vs])
+        step(f'latency, {rounds} interleaved rounds', lambda: time_rows(rows, [v['predict'] for v in vs], _first(test, 64), repeats, rounds))
+    return add_ratios(rows)
 
-# %% ../nbs/07_compression.ipynb #bf494e93
-def compression_table(rows:list) -> str: # from `compression_report`
-    "The rows as one Markdown table"
-    f = lambda v, fmt: '–' if v is None else format(v, fmt)
-    lines = ['| model | runtime | size | zipped | CSR | size / fp32 | ms, batch 1: median (min) | ms, batch 64: median (min) | accuracy % | Δ points | sparsity |',
-             '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['runtime']} | {human_bytes(r['size'])} | {human_bytes(r['zipped'])} | "
-                     f"{'–' if r['csr'] is None else human_bytes(r['csr'])} | {f(r.get('ratio'), '.3f')} | {r['ms_b1']:.2f} ({r['min_ms_b1']:.2f}) | "
-                     f"{r['ms_b64']:.1f} ({r['min_ms_b64']:.1f}) | {100 * r['accuracy']:.2f} | {f(r.get('delta'), '+.2f')} | {f(r['sparsity'], '.1%')} |")
-    return '\n'.join(lines)
+# %% ../nbs/07_compression.ipynb #cfe4a7ea
+def compression_table(rows:list) -> str: # from `compression_report` (latencies in seconds)
+    "The rows as one Markdown table (`markdown_table`), latencies in milliseconds"
+    ms = lambda r, b, d: None if f's_b{b}' not in r else f"{r[f's_b{b}'] * 1e3:.{d}f} ({r[f'min_s_b{b}'] * 1e3:.{d}f})"
+    show = [dict(r, b1=ms(r, 1, 2), b64=ms(r, 64, 1)) for r in rows]
+    cols = ['model', 'runtime', 'size', 'zipped', 'csr', 'ratio', 'b1', 'b64', 'accuracy', 'delta', 'sparsity']
+    heads = dict(csr='CSR', ratio='size / fp32', b1='ms, batch 1: median (min)', b64='ms, batch 64: median (min)',
+                 accuracy='accuracy %', delta='Δ points')
+    fmt = dict(size=human_bytes, zipped=human_bytes, csr=human_bytes, ratio='.3f', accuracy=lambda a: f"{100 * a:.2f}",
+               delta='+.2f', sparsity='.1%')
+    return markdown_table(show, cols, heads, fmt)
 
-def check_goals(rows:list, # from `compression_report`
-                max_ratio:float=0.3, # INT8: file size at most this × fp32 (same format)
+# %% ../nbs/07_compression.ipynb #72013e54
+def check_goals(rows:list, # from `compression_report` (sizes, accuracies and latencies)
+                max_ratio:float=0.3, # INT8: file size at most this × fp32 (same runtime, same format)
                 max_int8_loss:float=0.5, # INT8: accuracy loss in points at most this
+                max_slowdown:float=1.0, # INT8: median latency at batch 1 and 64 at most this × fp32's, same runtime
                 min_sparsity:float=0.8, # pruning: at least this sparsity
                 max_prune_loss:float=1.0) -> dict: # pruning: accuracy loss in points at most this
-    "The smallest INT8 row and the sparsest pruned row that meet the goals (None when none does)"
-    ok8 = [r for r in rows if r['kind'] == 'int8' and r['ratio'] <= max_ratio and -r['delta'] <= max_int8_loss]
+    "The INT8 row to ship (small, accurate, no slower than fp32 in its runtime; the fastest at batch 1) and the sparsest pruned row within the goals; None where none is"
+    base = {r['runtime']: r for r in rows if r['kind'] == 'fp32'}
+    def no_slower(r):
+        b = base.get(r['runtime'])
+        if b is None: return False
+        if any(k not in x for x in (r, b) for k in ('s_b1', 's_b64')):
+            raise ValueError(f"check_goals: the row {r['model']!r} ({r['runtime']}) or its fp32 row has no latencies; time them with `time_rows`")
+        return all(r[f's_b{n}'] <= max_slowdown * b[f's_b{n}'] for n in (1, 64))
+    ok8 = [r for r in rows if r['kind'] == 'int8' and r.get('ratio') is not None and r['ratio'] <= max_ratio
+           and -r['delta'] <= max_int8_loss and no_slower(r)]
     # pruning `amount` of n weights zeroes round(amount·n) of them, so "80%" can be 0.79999…: compare at 0.1% resolution
     okp = [r for r in rows if r['kind'] == 'pruned' and round(r['sparsity'], 3) >= min_sparsity and -r['delta'] <= max_prune_loss]
-    return dict(int8=min(ok8, key=lambda r: r['ratio']) if ok8 else None,
+    return dict(int8=min(ok8, key=lambda r: r['s_b1']) if ok8 else None,
                 pruned=max(okp, key=lambda r: r['sparsity']) if okp else None)
