@@ -1,10 +1,10 @@
 """GPU check of the Learner (about a minute on one GPU): mixed precision on and off, accuracy, exact resume on CUDA.
 
-1. Train the chapter's digits CNN with the Learner on CUDA, float32 and then `MixedPrecision()` (float16 +
-   GradScaler); each must reach >= 97% test accuracy. Prints the time of each fit.
-2. A run stopped after epoch 2 (checkpoint saved on CUDA) and resumed in a fresh learner must end with the same
-   weights as a run never stopped (torch.equal), with mixed precision on, so the GradScaler's state, the CUDA RNG
-   and the optimizer state all round-trip.
+1. Train the chapter's digits CNN with the Learner on CUDA (`fit_one_cycle`, 8 epochs), float32 and then
+   `MixedPrecision()` (float16 + GradScaler); each must reach >= 97% test accuracy. Prints the time of each fit.
+2. A one-cycle run stopped after epoch 2 (`StopAfter`, checkpoint saved on CUDA) and resumed in a fresh learner must
+   end with the same weights as a run never stopped (torch.equal), with mixed precision on, so the GradScaler's
+   state, the CUDA RNG, the optimizer state and the schedule's position all round-trip.
 Exits 1 if a check fails. Without CUDA it says so and exits 0 (so `make bench` passes on CPU machines);
 `--cpu` runs the same flow on the CPU (mixed precision in bfloat16) to check the script itself.
 """
@@ -16,14 +16,7 @@ from pathlib import Path
 import torch
 
 from bigmodel_nb.data import TensorLoader, image_dataloaders
-from bigmodel_nb.learner import Callback, CancelFitException, Checkpoint, Learner, MixedPrecision, accuracy, digits_cnn
-
-
-class StopAfter(Callback):
-    order = 40
-    def __init__(self, n): self.n = n
-    def after_epoch(self):
-        if self.learn.epoch + 1 >= self.n: raise CancelFitException
+from bigmodel_nb.learner import Checkpoint, Learner, MixedPrecision, StopAfter, accuracy, digits_cnn
 
 
 def main():
@@ -47,12 +40,12 @@ def main():
         torch.manual_seed(0)
         learn = Learner(digits_cnn(), dls, metrics=accuracy, lr=1e-2, progress=False, device=dev,
                         cbs=[amp_cb()] if amp else None)
-        learn.fit(1)  # warm-up (CUDA context, kernels)
+        learn.fit_one_cycle(1)  # warm-up (CUDA context, kernels)
         torch.manual_seed(0)
         learn = Learner(digits_cnn(), dls, metrics=accuracy, lr=1e-2, progress=False, device=dev,
                         cbs=[amp_cb()] if amp else None)
         sync(); t0 = time.perf_counter()
-        learn.fit(8)
+        learn.fit_one_cycle(8)
         sync(); dt = time.perf_counter() - t0
         acc = learn.validate(dls.test)['accuracy']
         scaler = learn.mixed_precision.scaler if amp else None
@@ -67,9 +60,9 @@ def main():
         data = (TensorLoader(dls.train.x, dls.train.y, 64, shuffle=True, seed=0), dls.valid)
         return Learner(digits_cnn(), data, metrics=accuracy, lr=1e-2, progress=False, device=dev, cbs=amp_cb())
     t0 = time.perf_counter()
-    full = make().fit(4)
-    make().fit(4, cbs=[Checkpoint(tmp / 'ckpt.safetensors'), StopAfter(2)])
-    resumed = make(seed=123).fit(4, resume=tmp / 'ckpt.safetensors')
+    full = make().fit_one_cycle(4)
+    make().fit_one_cycle(4, cbs=[Checkpoint(tmp / 'ckpt.safetensors'), StopAfter(2)])
+    resumed = make(seed=123).fit_one_cycle(4, resume=tmp / 'ckpt.safetensors')
     diffs = {k: (a.float() - b.float()).abs().max().item()
              for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()) if not torch.equal(a, b)}
     same = not diffs

@@ -63,7 +63,8 @@ def cpu_name() -> str:
 def machine_info() -> str:
     "One line naming the machine, for printing beside any measured number."
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{gpu}, "
+    n = torch.get_num_threads()
+    return (f"{cpu_name()}, {os.cpu_count()} CPUs, {n} torch thread{'s' if n != 1 else ''}{gpu}, "
             f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}")
 
 # %% ../nbs/00_concepts.ipynb #dd455271
