@@ -416,7 +416,7 @@ def load_cnn(path=None) -> FashionCNN: # a file written by `save_cnn`; defaults 
 
 # %% ../nbs/03_cnn.ipynb #930bfde7
 def get_trained_cnn(path=None, # the .safetensors file; defaults to `cnn_path(quick)`
-                    quick:bool=False, # 1 epoch on 6,000 images (about a minute) instead of the full recipe
+                    quick:bool=False, # 1 epoch on 6,000 images instead of the full recipe
                     cfg:CNNConfig=None, # the architecture; defaults to `CNNConfig()`
                     recipe:CNNRecipe=None, # the recipe; defaults to `CNNRecipe()` (with `epochs=1` when `quick`)
                     verbose:bool=True) -> FashionCNN: # say what happened, show training progress
@@ -434,7 +434,7 @@ def get_trained_cnn(path=None, # the .safetensors file; defaults to `cnn_path(qu
                 return model
             why = "it was trained with another architecture, recipe or data"
         if verbose: print(f"{path} exists but {why}; training a new one")
-    elif verbose: print(f"no trained CNN at {path}; training one ({'about a minute' if quick else 'about 5 minutes on 2 cores'})")
+    elif verbose: print(f"no trained CNN at {path}; training one ({'1 epoch on 6,000 images' if quick else 'the full recipe: 7 epochs on 60,000 images'})")
     model,row = train_fashion_cnn(cfg, recipe, limit=limit, progress=verbose)
     info = {'recipe': asdict(recipe), **row, 'limit': limit}
     save_cnn(model, path, info=info)
