@@ -12,10 +12,12 @@ The contenders:
 - onnxruntime INT8 (static QDQ, from the compression chapter, calibrated on 10 training batches), bare;
 - Predictor INT8: the same `Predictor` on that INT8 model, as `load_package(..., int8=True)` serves it (the package
   ships both models); its test accuracy is measured here too, next to the fp32 model's;
-- torch.compile, only with BENCH_COMPILE=1 (compiling takes about a minute per batch size here).
+- torch.compile, only with BENCH_COMPILE=1 (the output says how long compiling took; inductor caches compiled code on disk).
 
 The ONNX Runtime sessions come from `ort_session` (same threads as torch). The weights are the chapter's
 trained CNN when its file is in the cache, else random ones: latency depends on the architecture, not on the weights.
+The Predictor's config is `image_config` with the statistics of all 60,000 training images (`channel_stats`), the
+data the full CNN was trained on. Times come from `time_calls` and `compare_latency` (seconds; the tables show µs).
 
 Goals at batch 1: Predictor / torch eager <= 0.25, and Predictor / bare session <= 1.2 (the wrapper adds almost
 nothing). In one process the two runtimes' thread pools share the cores and disturb each other (ONNX Runtime's
@@ -26,29 +28,25 @@ turns. Short turns matter on a shared host: its slow spells last seconds and wou
 contender's whole measurement. Prints the Markdown tables, writes them to bench/results/inference.md, and ends with
 `inference: RATIO` (the Predictor on the package's default fp32 model / torch eager at batch 1, each alone).
 """
-import json, os, platform, statistics, subprocess, sys, tempfile, time
+import json, os, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bigmodel_nb.cnn import FashionCNN, cnn_path, load_cnn
+from bigmodel_nb.cnn import FashionCNN, cnn_path, load_cnn, save_cnn
 from bigmodel_nb.compress import ort_quantize_static
-from bigmodel_nb.data import load_fashion_mnist, normalize
-from bigmodel_nb.deploy import Predictor, compare_latency, export_onnx, latency_markdown, ort_session
+from bigmodel_nb.concepts import machine_info, markdown_table, time_calls, time_stats, torch_threads
+from bigmodel_nb.data import channel_stats, load_fashion_mnist, normalize
+from bigmodel_nb.deploy import Predictor, compare_latency, export_onnx, image_config, latency_table, ort_session
 
 from _results import write_results
 
-THREADS = int(os.environ.get('BENCH_THREADS', 2))   # torch and ONNX Runtime intra-op threads
+THREADS = int(os.environ['BENCH_THREADS']) if os.environ.get('BENCH_THREADS') else None  # intra-op threads; None: the runtimes' own
 REPEATS = int(os.environ.get('BENCH_REPEATS', 2000))  # timed calls per contender at batch 1; batch b gets max(50, REPEATS // b)
 ROUNDS = int(os.environ.get('BENCH_ROUNDS', 20))    # interleaved rounds
 BATCHES = tuple(int(b) for b in os.environ.get('BENCH_BATCHES', '1,8,64').split(','))
 COMPILE = os.environ.get('BENCH_COMPILE', '0') == '1'
-
-
-def cpu_name():
-    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): return platform.processor() or platform.machine()
 
 
 TURNS = int(os.environ.get('BENCH_TURNS', 40))          # turns per contender in the each-alone timing
@@ -76,9 +74,8 @@ def predictor_call(p, x):
 
 
 def worker(name, folder):
-    "A process that holds one contender at batch 1 and nothing else: on each line `n` from stdin, time n calls, print the median µs."
-    from bigmodel_nb.cnn import time_calls
-    torch.set_num_threads(THREADS)
+    "A process that holds one contender at batch 1 and nothing else: on each line `n` from stdin, time n calls, print the median (s)."
+    if THREADS: torch.set_num_threads(THREADS)
     folder = Path(folder)
     if name == 'torch eager': f = eager_call(load_cnn(folder / 'cnn.safetensors'), torch.from_numpy(np.load(folder / 'x_norm.npy')))
     elif name == 'onnxruntime (bare session)': f = bare_call(ort_session(folder / 'cnn.onnx', THREADS, spin=True), np.load(folder / 'x_norm.npy'))
@@ -88,11 +85,11 @@ def worker(name, folder):
     time_calls(f, 1, 300)
     print('ready', flush=True)
     for line in sys.stdin:
-        print(f'{statistics.median(time_calls(f, int(line), TURN_WARMUP)) * 1e6:.2f}', flush=True)
+        print(repr(time_stats(time_calls(f, int(line), TURN_WARMUP))['median']), flush=True)
 
 
 def take_turns(names, folder):
-    """Each contender alone in its own process, the processes taking turns: {name: [median µs of each turn]}.
+    """Each contender alone in its own process, the processes taking turns: {name: [median seconds of each turn]}.
 
     One process per contender, all started first; then, `TURNS` times, each in turn times `TURN_CALLS` calls while the
     others wait on a pipe, idle. Only one runtime works at a time, so none taxes another, and the turns are short
@@ -117,7 +114,10 @@ def take_turns(names, folder):
 
 
 def main():
-    torch.set_num_threads(THREADS)
+    with torch_threads(THREADS): return _main()
+
+
+def _main():
     path = cnn_path(quick=False) if cnn_path(quick=False).is_file() else cnn_path(quick=True)
     if path.is_file(): model, weights = load_cnn(path), f'trained weights ({path.name})'
     else:
@@ -125,14 +125,12 @@ def main():
     model = model.eval()
     ds = load_fashion_mnist(verbose=False)
     x_raw = ds.x_test[:max(BATCHES)].numpy()                      # uint8 (N, 1, 28, 28), as a user sends them
-    xf = ds.x_train.float().div(255); mean, std = xf.mean().reshape(1), xf.std().reshape(1); del xf
+    mean, std = channel_stats(ds.x_train)                          # all 60,000 training images: the full CNN's data
     x_norm = normalize(ds.x_test[:max(BATCHES)], mean, std)       # what torch and the bare session get
-    config = {'preprocessing': {'input_shape': [1, 28, 28], 'pixel_scale': 255.0, 'mean': mean.tolist(), 'std': std.tolist()},
-              'labels': list(ds.classes)}
+    config = image_config(name='fashion-cnn', mean=mean, std=std, labels=ds.classes, input_shape=x_raw.shape[1:])
 
     tmp = Path(tempfile.mkdtemp(prefix='bench-inference-'))
     onnx_path = export_onnx(model, x_norm[:1], tmp / 'cnn.onnx')
-    from bigmodel_nb.cnn import save_cnn
     save_cnn(model, tmp / 'cnn.safetensors'); (tmp / 'config.json').write_text(json.dumps(config))
     np.save(tmp / 'x_norm.npy', x_norm[:1].numpy()); np.save(tmp / 'x_raw.npy', x_raw[:1])
     calib = [normalize(ds.x_train[i:i + 16], mean, std) for i in range(0, 160, 16)]  # 10 real training batches
@@ -161,16 +159,15 @@ def main():
         groups.append({'torch eager': eager(model), 'torch.compile': eager(compiled)})
 
     t0 = time.perf_counter()
-    tables, first = [], None
+    tables = []
     for g, runners in enumerate(groups):
         rows = []
         for bs in BATCHES:
             n = max(50, REPEATS // bs)
             rows += compare_latency(runners, batch_sizes=(bs,), repeats=n, warmup=max(10, n // 20), rounds=min(ROUNDS, n))
-        tables.append(f'Group {g + 1}:\n\n' + latency_markdown(rows))
-        first = first or rows
-        if g == 0: goal = {r['runner']: r['median_us'] for r in rows if r['batch'] == 1}
-        else: b1 = {r['runner']: r['median_us'] for r in rows if r['batch'] == 1}
+        tables.append(f'Group {g + 1}:\n\n' + latency_table(rows))
+        if g == 0: goal = {r['runner']: r['median'] for r in rows if r['batch'] == 1}
+        elif g == 1: b1 = {r['runner']: r['median'] for r in rows if r['batch'] == 1}
     took = time.perf_counter() - t0
     vs_eager, vs_bare = goal[P] / goal['torch eager'], goal[P] / goal['onnxruntime (bare session)']
     vs_eager8, vs_bare8 = b1[P8] / b1['torch eager'], b1[P8] / b1['onnxruntime INT8 (bare session)']
@@ -184,9 +181,9 @@ def main():
     per_turn = {b: np.array(turns[P]) / np.array(turns[b]) for b in names[:2]}  # the ratio within each round of turns
 
     import onnxruntime as ort
-    lines = [f'Machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({THREADS} threads), '
-             f'onnxruntime {ort.__version__} ({THREADS} intra-op threads), Python {platform.python_version()}',
-             f'Model: FashionCNN {model.cfg["channels"]} channels, {sum(p.numel() for p in model.parameters()):,} parameters, {weights}.',
+    us = lambda s: f'{s * 1e6:,.1f}'
+    lines = [f'Machine: {machine_info()}; onnxruntime {ort.__version__} ({THREADS or torch.get_num_threads()} intra-op threads)',
+             f'Model: FashionCNN {list(model.cfg.channels)} channels, {sum(p.numel() for p in model.parameters()):,} parameters, {weights}.',
              f'{REPEATS} timed calls per contender at batch 1 (batch b: max(50, {REPEATS} // b)) in {ROUNDS} interleaved rounds, medians; '
              f'the groups are timed one after the other (group 1: the goal); {took:.0f} s in all.',
              '', *[t + '\n' for t in tables],
@@ -198,9 +195,11 @@ def main():
              f'{took_turns:.0f} s in all), while the other two wait idle. In one process the two runtimes\' thread pools '
              'share the cores and disturb each other; alone, each has the cores a server would give it, and short turns '
              'spread the machine\'s slow spells (other tenants of the host) over all three alike.', '',
-             '| runner | median of the turns\' medians (µs) | fastest turn | slowest turn | / torch eager |', '|---|---|---|---|---|',
-             *[f'| {n} | {alone_med[n]:,.1f} | {min(v):,.1f} | {max(v):,.1f} | {alone_med[n] / alone_med["torch eager"]:.3f} |'
-               for n, v in turns.items()], '',
+             markdown_table([dict(runner=n, median=alone_med[n], fastest=min(v), slowest=max(v), vs=alone_med[n] / alone_med['torch eager'])
+                             for n, v in turns.items()],
+                            headers={'median': "median of the turns' medians (µs)", 'fastest': 'fastest turn (µs)',
+                                     'slowest': 'slowest turn (µs)', 'vs': '/ torch eager'},
+                            fmt={'median': us, 'fastest': us, 'slowest': us, 'vs': '.3f'}), '',
              f'Predictor / torch eager within each round of turns: median {np.median(per_turn["torch eager"]):.3f}, '
              f'quartiles {np.percentile(per_turn["torch eager"], 25):.3f}–{np.percentile(per_turn["torch eager"], 75):.3f}; '
              f'Predictor / bare session: median {np.median(per_turn["onnxruntime (bare session)"]):.3f}, quartiles '

@@ -1,4 +1,4 @@
-"Tests of `bigmodel_nb.deploy`: dynamic-batch export and parity, the predictor's preprocessing and input checks, the model package."
+"Tests of `bigmodel_nb.deploy`: dynamic-batch export and parity, the predictors' preprocessing and input checks, model packages of both kinds."
 import json, shutil
 
 import numpy as np
@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from bigmodel_nb.cnn import FashionCNN
-from bigmodel_nb.data import load_fashion_mnist, normalize
+from bigmodel_nb.cnn import CNNConfig, FashionCNN
+from bigmodel_nb.concepts import TransformerConfig, TransformerLM
+from bigmodel_nb.data import CharTokenizer, channel_stats, load_fashion_mnist, normalize
 from bigmodel_nb.compress import fold_pooled_batchnorm
-from bigmodel_nb.deploy import (PACKAGE_FILES, PACKAGE_FORMAT, PACKAGE_INT8, PackageError, Predictor, architecture, compare_latency,
-                                export_onnx, latency_markdown, latency_stats, load_package, load_package_weights,
-                                onnx_signature, ort_session, parity_check, save_package, serving_graph, verify_package,
-                                with_pixel_input)
+from bigmodel_nb.deploy import (PACKAGE_FILES, PACKAGE_FORMAT, PACKAGE_INT8, PACKAGE_KINDS, PackageError, Predictor, TokenPredictor,
+                                compare_latency, export_onnx, export_token_model, image_config, latency_table, load_package,
+                                load_package_weights, onnx_signature, ort_session, parity_check, save_package, serving_graph,
+                                token_config, tokenizer_from_spec, tokenizer_spec, verify_package, with_pixel_input)
 
 torch.set_num_threads(1)
 
@@ -24,7 +25,7 @@ LABELS = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shir
 def small_cnn():
     "A small FashionCNN (batch norm included), random weights with non-trivial batch-norm statistics."
     torch.manual_seed(0)
-    m = FashionCNN({'channels': [8, 16], 'convs': [1, 1]})
+    m = FashionCNN(CNNConfig(channels=(8, 16), convs=(1, 1)))
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.running_mean.uniform_(-0.5, 0.5); mod.running_var.uniform_(0.5, 2.0)
@@ -33,19 +34,16 @@ def small_cnn():
 
 @pytest.fixture(scope='module')
 def fashion():
-    "Raw uint8 test images, their labels, and the normalization of the training set."
+    "Raw uint8 test images, their labels, and the normalization of (part of) the training set."
     ds = load_fashion_mnist(verbose=False)
-    xf = ds.x_train[:5000].float().div(255)
-    mean, std = xf.mean().reshape(1), xf.std().reshape(1)
+    mean, std = channel_stats(ds.x_train[:5000])
     return ds.x_test[:256], ds.y_test[:256], mean, std
 
 
 @pytest.fixture(scope='module')
 def config(fashion):
     _, _, mean, std = fashion
-    return {'name': 'test-cnn', 'architecture': architecture(small_cnn()),
-            'preprocessing': {'input_shape': [1, 28, 28], 'pixel_scale': 255.0, 'mean': mean.tolist(), 'std': std.tolist()},
-            'labels': LABELS, 'input_name': 'input', 'output_name': 'logits'}
+    return image_config(name='test-cnn', mean=mean, std=std, labels=LABELS, input_shape=(1, 28, 28))
 
 
 @pytest.fixture(scope='module')
@@ -177,7 +175,7 @@ def test_predictor_bad_normalized_input(predictor):
 def test_serving_graph_three_channels(tmp_path):
     "Per-channel normalization in the graph, for 3-channel images: a valid ONNX file whose outputs match torch on normalized input."
     torch.manual_seed(0)
-    model = FashionCNN({'c_in': 3, 'size': 16, 'channels': [8, 16], 'convs': [1, 1], 'hidden': 0}).eval()
+    model = FashionCNN(CNNConfig(c_in=3, size=16, channels=(8, 16), convs=(1, 1), hidden=0)).eval()
     path = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / 'rgb.onnx')
     pre = {'input_shape': [3, 16, 16], 'pixel_scale': 255.0, 'mean': [0.49, 0.48, 0.45], 'std': [0.25, 0.24, 0.26]}
     serving = serving_graph(onnx.load(path), pre)
@@ -220,13 +218,18 @@ def test_predictor_bad_config(exported, config):
 # latency utilities
 
 def test_latency_utilities():
-    rows = compare_latency({'a': lambda bs: (lambda: sum(range(bs))), 'b': lambda bs: (lambda: None)},
-                           batch_sizes=(1, 8), repeats=20, warmup=2, rounds=4)
+    "Rows in seconds from the interleaved rounds; the faster contender is faster; the table shows the unit in its header."
+    rows = compare_latency({'a': lambda bs: (lambda: sum(range(2000 * bs))), 'b': lambda bs: (lambda: None)},
+                           batch_sizes=(1, 8), repeats=20, warmup=2, rounds=4, rest=0)
     assert [(r['runner'], r['batch']) for r in rows] == [('a', 1), ('b', 1), ('a', 8), ('b', 8)]
-    assert all(len(r['times']) == 20 and r['median_us'] <= r['p99_us'] for r in rows)
-    assert rows[0]['vs_first'] == 1.0
-    assert latency_markdown(rows).count('\n') == 5
-    assert latency_stats([1e-6, 2e-6, 3e-6])['median_us'] == pytest.approx(2.0)
+    assert all(len(r['times']) == 20 for r in rows)
+    assert rows[0]['vs_first'] == 1.0 and rows[1]['vs_first'] < 0.5  # doing nothing beats summing 2,000 numbers
+    assert rows[2]['median'] > rows[0]['median'] and rows[2]['per_image'] == pytest.approx(rows[2]['median'] / 8)
+    assert 1e-6 < rows[0]['median'] < 1.0  # seconds
+    table = latency_table(rows)
+    assert table.count('\n') == 5 and '| median (µs) |' in table and '| median / a |' in table
+    assert f"{rows[0]['median'] * 1e3:,.1f}" in latency_table(rows, 'ms')
+    with pytest.raises(ValueError, match="'µs' or 'ms'"): latency_table(rows, 's')
 
 
 # package
@@ -244,8 +247,28 @@ def test_package_round_trip(package, exported, fashion):
     assert cfg['labels'] == LABELS and cfg['parity']['passed'] and cfg['metrics'] == {'test accuracy': 0.1}
     card = (package / 'README.md').read_text()
     for section in ('## Data', '## Metrics', '## Intended use', '## Limits', 'Fashion-MNIST'): assert section in card
-    rebuilt = load_package_weights(package)  # rebuilt from the config's architecture
+    assert cfg['kind'] == man['kind'] == 'image_classifier' and cfg['architecture']['name'] == 'FashionCNN'
+    assert (p.folder, p.manifest, p.card) == (package, man, card)  # the predictor knows its package
+    rebuilt = load_package_weights(package)  # rebuilt from the config's architecture, by the registry
+    assert type(rebuilt) is FashionCNN and rebuilt.cfg == model.cfg
     for (k, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()): assert torch.equal(a, b), k
+
+
+def test_package_unregistered_model(tmp_path, config):
+    "A model class nobody registered cannot be packaged (its weights could not be rebuilt): refused before any work."
+    with pytest.raises(TypeError, match='not a registered architecture'):
+        save_package(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), tmp_path / 'p', torch.randn(2, 1, 28, 28), config)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_package_failed_overwrite_keeps_old(package, exported, config, fashion, tmp_path):
+    "A save that fails half-way (here: parity) leaves the old package whole and no temporary folder behind."
+    d = _copy(package, tmp_path)
+    before = verify_package(d)
+    x, _, mean, std = fashion
+    with pytest.raises(ValueError, match='does not match torch'):
+        save_package(exported[0], d, normalize(x[:4], mean, std), config, overwrite=True, atol=-1.0)
+    assert verify_package(d) == before and sorted(p.name for p in tmp_path.iterdir()) == ['pkg']
 
 
 def test_package_refuses_overwrite(package, exported, config):
@@ -285,8 +308,10 @@ def test_package_extra_file(package, tmp_path):
     ('{"files": ', 'malformed'),
     ('[]', 'malformed'),
     (json.dumps({'format': 'other/1', 'files': {}}), 'malformed'),
-    (json.dumps({'format': PACKAGE_FORMAT, 'files': {}}), 'does not list'),
-    (json.dumps({'format': PACKAGE_FORMAT, 'files': {'../x': {'sha256': '0' * 64, 'bytes': 1}}}), 'malformed'),
+    (json.dumps({'format': PACKAGE_FORMAT, 'kind': 'image_classifier', 'files': {}}), 'does not list'),
+    (json.dumps({'format': PACKAGE_FORMAT, 'kind': 'image_classifier', 'files': {'../x': {'sha256': '0' * 64, 'bytes': 1}}}), 'malformed'),
+    (json.dumps({'format': PACKAGE_FORMAT, 'kind': 'sound_model', 'files': {}}), "kind 'sound_model'"),
+    (json.dumps({'format': True, 'files': {}}), 'malformed'),
 ])
 def test_package_bad_manifest(package, tmp_path, manifest, what):
     d = _copy(package, tmp_path)
@@ -318,3 +343,134 @@ def test_package_int8(package, exported, config, fashion, tmp_path):
     flip = bytearray((folder / PACKAGE_INT8).read_bytes()); flip[-50] ^= 1; (folder / PACKAGE_INT8).write_bytes(bytes(flip))
     with pytest.raises(PackageError, match='model.int8.onnx fails its checksum'): load_package(folder, int8=True)
     with pytest.raises(PackageError, match='no model.int8.onnx'): load_package(package, int8=True)
+
+
+def test_package_newer_format(package, tmp_path):
+    d = _copy(package, tmp_path)
+    man = json.loads((d / 'manifest.json').read_text()); man['format'] = PACKAGE_FORMAT + 1
+    (d / 'manifest.json').write_text(json.dumps(man))
+    for f in (load_package, verify_package, load_package_weights):
+        with pytest.raises(PackageError, match=rf'written by a newer bigmodel_nb \(format {PACKAGE_FORMAT + 1}.*pip install -U bigmodel_nb'): f(d)
+
+
+def test_package_older_format(package, tmp_path):
+    d = _copy(package, tmp_path)
+    man = json.loads((d / 'manifest.json').read_text()); man['format'] = 'bigmodel_nb.package/1'
+    (d / 'manifest.json').write_text(json.dumps(man))
+    with pytest.raises(PackageError, match='written by an older bigmodel_nb.*save_package'): load_package(d)
+
+
+# token models
+
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows"
+
+
+@pytest.fixture(scope='module')
+def tiny_lm():
+    "A small, untrained TransformerLM (registered in concepts), its tokenizer, and windows of real token ids."
+    torch.manual_seed(0)
+    tok = CharTokenizer(TEXT)
+    lm = TransformerLM(TransformerConfig(vocab_size=tok.vocab_size, n_ctx=32, d_model=32, n_layers=2, n_heads=4)).eval()
+    ids = torch.stack([tok.encode(TEXT[i:i + 32]) for i in range(0, 60, 10)])  # (6, 32)
+    return lm, tok, ids
+
+
+@pytest.fixture(scope='module')
+def token_package(tmp_path_factory, tiny_lm):
+    lm, tok, ids = tiny_lm
+    folder = tmp_path_factory.mktemp('tokpkg') / 'tiny-lm'
+    save_package(lm, folder, ids[:2, :8], token_config(tok, max_sequence=32, name='tiny-lm'), card={'data': 'one sentence'})
+    return folder
+
+
+def test_token_config_and_tokenizer(tiny_lm):
+    _, tok, _ = tiny_lm
+    cfg = token_config(tok, max_sequence=32)
+    assert cfg['kind'] == 'token_model' and cfg['input'] == {'name': 'tokens', 'dtype': 'int64', 'shape': ['batch', 'sequence'],
+                                                             'max_sequence': 32}
+    back = tokenizer_from_spec(json.loads(json.dumps(tokenizer_spec(tok))))
+    assert back.vocab == tok.vocab and back.encode(TEXT).tolist() == tok.encode(TEXT).tolist()
+    with pytest.raises(ValueError, match="unknown tokenizer type 'bpe'"): tokenizer_from_spec({'type': 'bpe', 'vocab': []})
+    with pytest.raises(ValueError, match='sorted list of distinct'): tokenizer_from_spec({'type': 'char', 'vocab': ['b', 'a']})
+
+
+def test_token_export_example_checked(tiny_lm, tmp_path):
+    lm, _, ids = tiny_lm
+    for bad in (ids[:1, :8], ids[:2, :1], ids[:2, :8].float(), ids[0]):
+        with pytest.raises(ValueError, match='int64 token ids'): export_token_model(lm, bad, tmp_path / 'x.onnx')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_token_package_round_trip(token_package, tiny_lm):
+    "save -> verify -> load: a TokenPredictor whose outputs equal torch's on several batch sizes and sequence lengths."
+    lm, tok, ids = tiny_lm
+    man = verify_package(token_package)
+    assert man['kind'] == 'token_model' and set(man['files']) == {*PACKAGE_FILES, *PACKAGE_KINDS['token_model']}
+    sig = onnx_signature(token_package / 'model.onnx')
+    assert sig['inputs'] == {'tokens': {'dtype': 'int64', 'shape': ['batch', 'sequence']}}
+    p = load_package(token_package, threads=1)
+    assert isinstance(p, TokenPredictor) and p.tokenizer.vocab == tok.vocab and p.folder == token_package
+    for n, t in [(1, 1), (1, 32), (2, 5), (3, 17), (6, 32)]:
+        x = ids[:n, :t]
+        with torch.no_grad(): ref = lm(x)
+        np.testing.assert_allclose(p.logits(x), ref.numpy(), atol=1e-4)
+        out = p(x.numpy())
+        np.testing.assert_allclose(out.probs, torch.softmax(ref[:, -1], -1).numpy(), atol=1e-5)
+        assert out.probs.shape == (n, tok.vocab_size) and out.names == [tok.vocab[i] for i in out.labels]
+    text = TEXT[:20]
+    np.testing.assert_array_equal(p.logits(text), p.logits(tok.encode(text)))  # text in, through the restored tokenizer
+    assert p(text).names == p([text]).names
+    rebuilt = load_package_weights(token_package)
+    assert type(rebuilt) is TransformerLM and rebuilt.cfg == lm.cfg
+    for (k, a), b in zip(lm.state_dict().items(), rebuilt.state_dict().values()): assert torch.equal(a, b), k
+    card = (token_package / 'README.md').read_text()
+    assert '- Kind: token_model' in card and f'a vocabulary of {tok.vocab_size}' in card
+
+
+def test_parity_check_token_logits(token_package, tiny_lm):
+    "parity_check on (N, T, V) outputs counts one prediction per position, and fails on other weights."
+    lm, tok, ids = tiny_lm
+    r = parity_check(lm, token_package / 'model.onnx', [ids[:1, :3], ids[:4, :9]])
+    assert r['passed'] and r['n'] == 5 and r['predictions'] == 3 + 36
+    torch.manual_seed(1)
+    other = TransformerLM(lm.cfg).eval()
+    assert not parity_check(other, token_package / 'model.onnx', ids[:2, :8])['passed']
+
+
+@pytest.mark.parametrize('x,what', [
+    ('To be, or not to be!', "'!' is not in the tokenizer's vocabulary"),
+    (['To be', 'or not to be'], 'one length'),
+    (np.zeros((2, 5), np.float32), 'wrong dtype float32'),
+    (np.zeros((2, 5), bool), 'wrong dtype bool'),
+    (np.zeros((1, 2, 3), np.int64), 'wrong shape (1, 2, 3)'),
+    (np.zeros((1, 0), np.int64), 'empty batch or sequence'),
+    (np.zeros((0, 4), np.int64), 'empty batch or sequence'),
+    (np.zeros((1, 33), np.int64), 'longer than this model'),
+    (np.array([[0, 1, -1]]), 'token id -1 is out of the vocabulary'),
+    (np.array([[0, 1, 999]]), 'token id 999 is out of the vocabulary'),
+    ({'text': 'To be'}, 'got dict'),
+])
+def test_token_predictor_bad_input(token_package, x, what):
+    p = load_package(token_package, threads=1)
+    with pytest.raises(ValueError) as e: p(x)
+    assert what in str(e.value)
+
+
+def test_token_package_tampered(token_package, tmp_path):
+    d = tmp_path / 'tok'; shutil.copytree(token_package, d)
+    (d / 'tokenizer.json').write_text((d / 'tokenizer.json').read_text().replace('"a"', '"@"'))
+    with pytest.raises(PackageError, match='tokenizer.json fails its checksum'): load_package(d)
+    shutil.rmtree(d); shutil.copytree(token_package, d); (d / 'tokenizer.json').unlink()
+    with pytest.raises(PackageError, match='tokenizer.json is missing'): load_package(d)
+    shutil.rmtree(d); shutil.copytree(token_package, d)
+    man = json.loads((d / 'manifest.json').read_text()); del man['files']['tokenizer.json']; (d / 'tokenizer.json').unlink()
+    (d / 'manifest.json').write_text(json.dumps(man))
+    with pytest.raises(PackageError, match=r"does not list \['tokenizer.json'\]"): load_package(d)
+
+
+def test_token_package_refuses_int8(tiny_lm, tmp_path):
+    lm, tok, ids = tiny_lm
+    with pytest.raises(ValueError, match='INT8 packages are made for image classifiers'):
+        save_package(lm, tmp_path / 'p', ids[:2, :8], token_config(tok, 32), calib=[ids])
+    with pytest.raises(ValueError, match="config kind 'sound'"):
+        save_package(lm, tmp_path / 'p', ids[:2, :8], {'kind': 'sound'})
