@@ -9,7 +9,7 @@ __all__ = ['QUICK_COMPRESS', 'STEPS', 'QUICK_LIMIT', 'USER_ERRORS', 'new_run_dir
            'step_evaluate', 'goal_lines', 'step_compress', 'step_export', 'step_package', 'lifecycle', 'write_report',
            'package_summary', 'format_summary', 'read_images', 'predict_files', 'main', 'info']
 
-# %% ../nbs/11_lifecycle.ipynb #6827a41f
+# %% ../nbs/11_lifecycle.ipynb #64c98b8c
 import argparse, contextlib, hashlib, json, os, sys, time, traceback
 from dataclasses import asdict
 from datetime import datetime
@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# %% ../nbs/11_lifecycle.ipynb #a445b112
+# %% ../nbs/11_lifecycle.ipynb #bf50ad88
 import bigmodel_nb
 from .concepts import set_seed, count_parameters, machine_info, markdown_table
 from .data import image_dataloaders, DataSourceError
 from .learner import Learner, accuracy, accuracy_on, f1_score, confusion_matrix, plot_confusion_matrix
 
-# %% ../nbs/11_lifecycle.ipynb #38499af9
+# %% ../nbs/11_lifecycle.ipynb #86c92ce2
 def new_run_dir(root='runs', # folder that holds all runs
                 name:str=None): # the run's folder name; defaults to the start time
     "A new, empty folder `root/<timestamp>` for one run (a suffix keeps it unique)."
@@ -35,7 +35,7 @@ def new_run_dir(root='runs', # folder that holds all runs
         except FileExistsError: continue
     raise FileExistsError(f"could not make a new run folder under {root}")
 
-# %% ../nbs/11_lifecycle.ipynb #c386beaa
+# %% ../nbs/11_lifecycle.ipynb #66c3718f
 class RunLog:
     "Numbered, timed steps of a run; each step's results are kept for the report."
     def __init__(self, steps:list, # names of the steps, in order
@@ -59,7 +59,7 @@ class RunLog:
         shown = self.summary(name)
         print(f"[{i}/{n}] {name} done in {self.seconds[name]:.1f} s" + (f": {shown}" if shown else ''), file=self.out, flush=True)
 
-# %% ../nbs/11_lifecycle.ipynb #fe55d8cc
+# %% ../nbs/11_lifecycle.ipynb #c73b3d56
 def step_train(dls, # Fashion-MNIST `DataLoaders` (`train`, `test`), normalized
                recipe=None, # a `CNNRecipe`; defaults to `CNNRecipe()` (the CNN chapter's)
                run_dir=None, # where `model.safetensors` and `training.png` go, if given
@@ -75,7 +75,7 @@ def step_train(dls, # Fashion-MNIST `DataLoaders` (`train`, `test`), normalized
         res['curves'] = plot_training(learn, run_dir)
     return model, learn, res
 
-# %% ../nbs/11_lifecycle.ipynb #00746434
+# %% ../nbs/11_lifecycle.ipynb #aafd5064
 def plot_training(learn, # the `Learner` after `fit`
                   run_dir) -> str: # where to save `training.png`
     "The training loss of every batch and the learning-rate schedule, side by side, saved as `training.png`."
@@ -85,7 +85,7 @@ def plot_training(learn, # the `Learner` after `fit`
     fig.tight_layout(); fig.savefig(Path(run_dir)/'training.png', dpi=80); plt.close(fig)
     return 'training.png'
 
-# %% ../nbs/11_lifecycle.ipynb #d2398f8e
+# %% ../nbs/11_lifecycle.ipynb #c6170ae7
 def step_evaluate(learn, # a `Learner` holding the trained model, or the model itself
                   dl, # the test loader
                   run_dir=None) -> dict: # where to draw `confusion.png`, if given
@@ -100,7 +100,7 @@ def step_evaluate(learn, # a `Learner` holding the trained model, or the model i
         res['confusion'] = 'confusion.png'
     return res
 
-# %% ../nbs/11_lifecycle.ipynb #ee163ffa
+# %% ../nbs/11_lifecycle.ipynb #cd8021fc
 QUICK_COMPRESS = dict(amounts=(0.8,), channel_amount=0, finetune_limit=1000, repeats=3, rounds=1)
 
 def goal_lines(goals:dict) -> dict: # from `compress.check_goals`: the INT8 and the pruned row that meet the goals, or None
@@ -109,7 +109,7 @@ def goal_lines(goals:dict) -> dict: # from `compress.check_goals`: the INT8 and 
     return dict(int8_goal=f"met by {q['model']} ({q['runtime']}): {q['ratio']:.3f}× fp32 size, {q['delta']:+.2f} pts" if q else 'not met',
                 pruning_goal=f"met by {p['model']}: {p['sparsity']:.1%} sparsity, {p['delta']:+.2f} pts" if p else 'not met')
 
-# %% ../nbs/11_lifecycle.ipynb #9826bd84
+# %% ../nbs/11_lifecycle.ipynb #5f5e6586
 def step_compress(model, # the trained float model (left untouched)
                   dls, # `DataLoaders`: `train` calibrates and fine-tunes, `test` measures
                   run_dir, # the run folder: `compressed/` and `compression.md` go there
@@ -121,7 +121,7 @@ def step_compress(model, # the trained float model (left untouched)
     res = dict(variants=len(rows), table='compression.md')
     return {**res, 'goals': 'not evaluated (quick run)'} if quick else {**res, **goal_lines(check_goals(rows))}
 
-# %% ../nbs/11_lifecycle.ipynb #6f9ced45
+# %% ../nbs/11_lifecycle.ipynb #3190ce12
 def step_export(model, # the trained float model
                 dls, # `DataLoaders`; its test images check the export
                 run_dir) -> dict: # the run folder: `model.onnx` goes there
@@ -133,13 +133,13 @@ def step_export(model, # the trained float model
     if not par['passed']: raise RuntimeError(f"the ONNX export does not match torch: {par}")
     return dict(onnx='model.onnx', max_abs_diff=par['max_abs_diff'], argmax_agreement=par['argmax_agreement'], parity_images=par['n'])
 
-# %% ../nbs/11_lifecycle.ipynb #90714322
+# %% ../nbs/11_lifecycle.ipynb #9df9fa4b
 def _to_pixels(x, # normalized images (N, C, H, W), as the data module's loaders hold them
                dls) -> np.ndarray: # `DataLoaders` with the `mean` and `std` that normalized them
     "The uint8 pixels that normalize to `x`."
     return ((x * dls.std[:, None, None] + dls.mean[:, None, None]) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
-# %% ../nbs/11_lifecycle.ipynb #2c876d3d
+# %% ../nbs/11_lifecycle.ipynb #61a8edfa
 def step_package(model, # the trained float model
                  dls, # `DataLoaders`: `train` calibrates the INT8 model, `test` checks the loaded package
                  run_dir, # the run folder: `package/` goes there
@@ -156,7 +156,7 @@ def step_package(model, # the trained float model
                 predictor_acc=float((labels == y).mean()), int8_predictor_acc=float((labels8 == y).mean()),
                 int8_agreement=float((labels8 == ref).mean()))
 
-# %% ../nbs/11_lifecycle.ipynb #63ff8c5c
+# %% ../nbs/11_lifecycle.ipynb #1cd852a8
 STEPS = ['data', 'train', 'evaluate', 'compress', 'export', 'package', 'report']
 QUICK_LIMIT = 3000  # training images of a quick run
 
@@ -182,7 +182,7 @@ def lifecycle(out='runs', # folder that receives the run folder
     print(f"test accuracy {log.results['evaluate']['test_acc']:.2%}; report: {run/'report.md'}", file=log_to)
     return run
 
-# %% ../nbs/11_lifecycle.ipynb #f98979c3
+# %% ../nbs/11_lifecycle.ipynb #461d2d56
 def _run_steps(run, log, recipe, quick, seed, data_path, log_to):
     "The steps of `lifecycle` before the report, into `run` and `log`."
     print(f"run folder: {run}\nmachine: {machine_info()}", file=log_to)
@@ -198,7 +198,7 @@ def _run_steps(run, log, recipe, quick, seed, data_path, log_to):
     with log.step('export') as r: r.update(step_export(model, dls, run))
     with log.step('package') as r: r.update(step_package(model, dls, run, metrics=log.results['evaluate']))
 
-# %% ../nbs/11_lifecycle.ipynb #ea4752d1
+# %% ../nbs/11_lifecycle.ipynb #eb60b43e
 def write_report(run_dir, # the run folder
                  log:RunLog, # the finished steps
                  quick:bool=False) -> Path: # whether this was a `--quick` run
@@ -219,7 +219,7 @@ def write_report(run_dir, # the run folder
     (run_dir/'report.md').write_text('\n'.join(lines) + '\n')
     return run_dir/'report.md'
 
-# %% ../nbs/11_lifecycle.ipynb #572e4484
+# %% ../nbs/11_lifecycle.ipynb #83243beb
 def package_summary(folder) -> dict: # a folder written by `save_package`
     "Verify every checksum of a package (`PackageError` if any fails), then what it holds: name, kind, input, labels, metrics, files."
     from bigmodel_nb.deploy import verify_package, PackageError
@@ -231,7 +231,7 @@ def package_summary(folder) -> dict: # a folder written by `save_package`
     return dict(package=str(folder), verified=True, format=man.get('format'), name=cfg.get('name'), kind=cfg.get('kind'),
                 input=cfg.get('input'), labels=cfg.get('labels'), int8='int8' in cfg, metrics=cfg.get('metrics', {}), files=man['files'])
 
-# %% ../nbs/11_lifecycle.ipynb #8afbe288
+# %% ../nbs/11_lifecycle.ipynb #b190f626
 def format_summary(s:dict) -> str: # from `package_summary`
     "A package summary as text: what it is, what it takes, what it answers, and a table of its verified files."
     inp, labels = s['input'] or {}, s['labels']
@@ -243,7 +243,7 @@ def format_summary(s:dict) -> str: # from `package_summary`
     files = [dict(file=n, bytes=e['bytes'], sha256=e['sha256'][:16] + '…') for n, e in s['files'].items()]
     return '\n'.join(lines + ['', markdown_table(files)])
 
-# %% ../nbs/11_lifecycle.ipynb #f91975d2
+# %% ../nbs/11_lifecycle.ipynb #4d2b9394
 def read_images(path, # a PNG (or any image Pillow reads) or a `.npy` array of one image `(H, W)`/`(C, H, W)` or a batch `(N, [C,] H, W)`
                 shape:tuple) -> tuple: # the package's input shape `(C, H, W)`
     "The images in one file, as a batch `(N, C, H, W)` or `(N, H, W)`, and whether the file held a batch."
@@ -261,7 +261,7 @@ def read_images(path, # a PNG (or any image Pillow reads) or a `.npy` array of o
     except UnidentifiedImageError: raise ValueError(f"{path}: not an image Pillow can read, nor a .npy file") from None
     return (x[None] if C == 1 else x.transpose(2, 0, 1)[None]), False
 
-# %% ../nbs/11_lifecycle.ipynb #2eeb637f
+# %% ../nbs/11_lifecycle.ipynb #3658e8b3
 def predict_files(predictor, # from `deploy.load_package`: `predictor(x)` returns `Prediction(labels, probs, names)`
                   files:list) -> list: # image files (see `read_images`)
     "Predict every image of `files`: one row (file, label, label_id, probability) per image."
@@ -278,7 +278,7 @@ def predict_files(predictor, # from `deploy.load_package`: `predictor(x)` return
                  for i, (lab, name) in enumerate(zip(p.labels.tolist(), p.names))]
     return rows
 
-# %% ../nbs/11_lifecycle.ipynb #7a569c64
+# %% ../nbs/11_lifecycle.ipynb #b1127f55
 def _parser() -> argparse.ArgumentParser:
     "The `bigmodel-nb` argument parser: one sub-parser per command, each naming the function that runs it."
     p = argparse.ArgumentParser(prog='bigmodel-nb', description='Train, compress, export and package a model, then check and use the package: see `bigmodel-nb COMMAND --help`.')
@@ -307,7 +307,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser('info', parents=[common], help='versions, the machine, and where each data set would come from').set_defaults(run=_cmd_info)
     return p
 
-# %% ../nbs/11_lifecycle.ipynb #655e49d2
+# %% ../nbs/11_lifecycle.ipynb #98b96178
 def _cmd_lifecycle(a): lifecycle(a.out, quick=a.quick, seed=a.seed, epochs=a.epochs, data_path=a.data)
 
 def _cmd_verify(a):
@@ -321,7 +321,7 @@ def _cmd_predict(a):
 
 def _cmd_info(a): print(info())
 
-# %% ../nbs/11_lifecycle.ipynb #be4bb33a
+# %% ../nbs/11_lifecycle.ipynb #7ba7a40e
 # the library's errors: `DataSourceError` is a `FileNotFoundError`, `deploy.PackageError` a `ValueError`
 USER_ERRORS = (ValueError, OSError)
 
@@ -336,7 +336,7 @@ def main(argv:list=None) -> int: # arguments, defaults to `sys.argv[1:]`
         return 2
     return 0
 
-# %% ../nbs/11_lifecycle.ipynb #fda9cbc8
+# %% ../nbs/11_lifecycle.ipynb #784aa63d
 def info() -> str:
     "Versions, the machine, and where each data set comes from on this machine (nothing is downloaded)."
     from unittest import mock
