@@ -199,6 +199,7 @@ def export_onnx(model:nn.Module, # the model; exported in eval mode, its mode re
                 input_names=('input',), # one name per input
                 output_names=('logits',), # one name per output
                 dynamic_batch:bool=True, # axis 0 of every input becomes the symbolic size 'batch'
+                dynamic_axes:dict=None, # input index -> {axis: `torch.export.Dim`}, instead of `dynamic_batch` (e.g. batch and sequence)
                 opset:int|None=None, # ONNX opset; None: the exporter's default
                 check:bool=True, # validate with `onnx.checker.check_model(full_check=True)`
                 quiet:bool=True, # hide the exporter's progress lines
@@ -210,7 +211,8 @@ def export_onnx(model:nn.Module, # the model; exported in eval mode, its mode re
         raise ValueError(f"export_onnx: {len(example)} example inputs but {len(input_names)} input_names "
                          f"{list(input_names)}; pass one name per input")
     example = tuple(t.to(_device(model)) for t in example)
-    dyn = tuple({0: torch.export.Dim('batch')} for _ in example) if dynamic_batch else None
+    if dynamic_axes is not None: dyn = tuple(dynamic_axes.get(k) for k in range(len(example)))
+    else: dyn = tuple({0: torch.export.Dim('batch')} for _ in example) if dynamic_batch else None
     was_training = model.training
     try:
         model.eval()

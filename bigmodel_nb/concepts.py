@@ -118,12 +118,11 @@ def time_calls(f, # function of no arguments (or of `setup()`'s result)
                setup=None) -> list: # called untimed before each call; `f` gets its result
     "Wall time in seconds of each of `repeats` calls of `f`, after `warmup` untimed calls."
     if repeats < 1: raise ValueError(f"time_calls: repeats must be at least 1, got {repeats}")
-    call = f if setup is None else (lambda: f(setup()))
-    for _ in range(warmup): call()
+    args = (lambda: (setup(),)) if setup is not None else (lambda: ())
+    for _ in range(warmup): f(*args())
     ts = []
     for _ in range(repeats):
-        a = setup() if setup is not None else None
-        t = time.perf_counter(); f(a) if setup is not None else f(); ts.append(time.perf_counter() - t)
+        a = args(); t = time.perf_counter(); f(*a); ts.append(time.perf_counter() - t)
     return ts
 
 # %% ../nbs/00_concepts.ipynb #e2797c22

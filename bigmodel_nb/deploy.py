@@ -6,7 +6,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/deployment.html.md"""
 
 # %% ../nbs/08_deployment.ipynb #7ebc9174
 from __future__ import annotations
-import contextlib, functools, hashlib, io, json
+import functools, hashlib, json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -362,15 +362,8 @@ def export_token_model(model:nn.Module, # takes int64 token ids (N, T); returns 
         got = f"{example.dtype} {tuple(example.shape)}" if isinstance(example, torch.Tensor) else type(example).__name__
         raise ValueError(f"example: expected int64 token ids (N, T) with N, T >= 2 (axes of size 1 would be fixed); got {got}")
     dims = {0: torch.export.Dim('batch'), 1: torch.export.Dim('sequence', max=max_sequence) if max_sequence else torch.export.Dim('sequence')}
-    was_training = model.training
-    try:
-        model.eval()
-        with atomic_write(path) as part, (contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()):
-            torch.onnx.export(model, (example.to(next(model.parameters()).device),), str(part), dynamo=True, external_data=False,
-                              input_names=[input_name], output_names=[output_name], dynamic_shapes=(dims,))
-            onnx.checker.check_model(str(part), full_check=True)
-    finally: model.train(was_training)
-    return Path(path)
+    return export_onnx(model, example, path, input_names=(input_name,), output_names=(output_name,),
+                       dynamic_axes={0: dims}, quiet=quiet, fold_bn=False)
 
 # %% ../nbs/08_deployment.ipynb #2372ea2d
 class TokenPredictor:
