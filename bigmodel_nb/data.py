@@ -6,11 +6,12 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/data.html.md"""
 
 # %% auto #0
 __all__ = ['FASHION_CLASSES', 'FASHION_URL', 'FASHION_FILES', 'FASHION_SYSTEM', 'DIGITS_CLASSES', 'CIFAR_CLASSES', 'CIFAR_URL',
-           'CIFAR_SHA256', 'SHAKESPEARE_POEMS', 'SHAKESPEARE_URL', 'SHAKESPEARE_SHA256', 'IMAGE_LOADERS',
-           'AUGMENT_DEFAULTS', 'DataSourceError', 'CorruptDataError', 'SourceMissing', 'cache_dir', 'sha256_file',
-           'offline', 'download_url', 'read_idx', 'write_idx', 'load_fashion_mnist', 'stratified_split', 'load_digits',
-           'write_cifar_batches', 'load_cifar10', 'SourcedText', 'load_shakespeare', 'CharTokenizer', 'TensorLoader',
-           'DataLoaders', 'text_dataloaders', 'RandomCropFlip', 'channel_stats', 'normalize', 'image_dataloaders']
+           'CIFAR_SHA256', 'SHAKESPEARE_POEMS', 'SHAKESPEARE_URL', 'SHAKESPEARE_SHA256', 'SHAKESPEARE_SPLIT_CHARS',
+           'IMAGE_LOADERS', 'AUGMENT_DEFAULTS', 'DataSourceError', 'CorruptDataError', 'SourceMissing', 'cache_dir',
+           'sha256_file', 'offline', 'download_url', 'read_idx', 'write_idx', 'load_fashion_mnist', 'stratified_split',
+           'load_digits', 'write_cifar_batches', 'load_cifar10', 'SourcedText', 'load_shakespeare', 'CharTokenizer',
+           'TensorLoader', 'DataLoaders', 'text_dataloaders', 'TextSplit', 'shakespeare_split', 'TextWindowLoader',
+           'char_lm_dataloaders', 'RandomCropFlip', 'channel_stats', 'normalize', 'image_dataloaders']
 
 # %% ../nbs/01_data.ipynb #4f1f3405
 import copy, gzip, hashlib, importlib.util, os, pickle, shutil, struct, tarfile, urllib.request, zlib
@@ -432,7 +433,7 @@ class DataLoaders:
         self.train,self.valid,self.test,self.classes,self.mean,self.std = train,valid,test,classes,mean,std
 
     def __repr__(self):
-        n = lambda l: 0 if l is None else len(l.x)
+        n = lambda l: 0 if l is None else getattr(l, 'n_windows', None) or len(l.x)
         return f"DataLoaders(train={n(self.train)}, valid={n(self.valid)}, test={n(self.test)}, classes={None if self.classes is None else len(self.classes)})"
 
 # %% ../nbs/01_data.ipynb #af454a50
@@ -455,6 +456,83 @@ def text_dataloaders(text:str, # the corpus
     dls = DataLoaders(TensorLoader(xt, yt, batch_size, shuffle=True, seed=seed), TensorLoader(xv, yv, batch_size * 2),
                       classes=list(tok.vocab))
     dls.tokenizer = tok
+    return dls
+
+# %% ../nbs/01_data.ipynb #aa238bc4
+SHAKESPEARE_SPLIT_CHARS = 1_115_394
+
+class TextSplit(SimpleNamespace):
+    "A language-model split: `train` and `valid` text, and the `tokenizer` fit on both"
+    def __repr__(self): return f"TextSplit(train={len(self.train):,} chars, valid={len(self.valid):,} chars, vocab={self.tokenizer.vocab_size})"
+
+def shakespeare_split(path=None, # passed to `load_shakespeare`; None for the source chain
+                      n_chars:int=SHAKESPEARE_SPLIT_CHARS, # characters kept from the start of the corpus
+                      valid_pct:float=0.1, # share of them (the end) kept for validation
+                      verbose:bool=True) -> TextSplit: # print which source was used
+    "The first `n_chars` characters of Shakespeare's plays, cut into training text and the validation text that follows it"
+    if not 0 < valid_pct < 1: raise ValueError(f"valid_pct must be in (0, 1), got {valid_pct}")
+    text = load_shakespeare(path, verbose=verbose)
+    if len(text) < n_chars: raise ValueError(f"the corpus has {len(text):,} characters, fewer than n_chars={n_chars:,}: pass a smaller n_chars")
+    source, text = text.source, str(text[:n_chars]); cut = int(n_chars * (1 - valid_pct))
+    return TextSplit(train=text[:cut], valid=text[cut:], tokenizer=CharTokenizer(text), source=source)
+
+# %% ../nbs/01_data.ipynb #11b4c714
+class TextWindowLoader:
+    "Batches of `(x, y)` windows of a token stream, `y` being `x` shifted by one, from a seeded offset each epoch"
+    def __init__(self, ids:torch.Tensor, # the token stream, 1-D
+                 seq_len:int=100, # tokens per window
+                 batch_size:int=32, # windows per batch
+                 shuffle:bool=True, # a seeded random order of windows each epoch (ignored when `stateful`)
+                 seed:int=0, # seed of the offsets and the order
+                 random_offset:bool=True, # start each epoch's windows at a seeded offset in [0, seq_len)
+                 stateful:bool=False): # row b of batch i+1 continues row b of batch i
+        ids = torch.as_tensor(ids)
+        if ids.ndim != 1 or ids.is_floating_point(): raise ValueError(f"ids must be a 1-D integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+        if seq_len < 1 or batch_size < 1: raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        self.ids,self.seq_len,self.batch_size,self.seed = ids,seq_len,batch_size,seed
+        self.shuffle,self.random_offset,self.stateful,self.epoch = shuffle and not stateful,random_offset,stateful,0
+        self.n_windows = (len(ids) - seq_len) // seq_len  # the same at every offset
+        if len(self) < 1: raise ValueError(f"{len(ids):,} tokens make no batch of {batch_size} windows of {seq_len}: pass shorter windows or a smaller batch")
+
+    def __len__(self): return self.n_windows // self.batch_size if self.stateful else -(-self.n_windows // self.batch_size)
+
+    def offset(self, epoch:int) -> int: # the epoch whose offset to return
+        "Where the windows of `epoch` start"
+        if not self.random_offset: return 0
+        return int(torch.randint(self.seq_len, (1,), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
+
+    def order(self, epoch:int) -> torch.Tensor: # the epoch whose order to return
+        "The window indexes of `epoch`, batch after batch"
+        n, B = self.n_windows, self.batch_size
+        if self.stateful: m = n // B; return torch.arange(m * B).reshape(B, m).T.reshape(-1)  # stream b holds windows b*m ... b*m+m-1
+        if not self.shuffle: return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1))
+
+    def __iter__(self):
+        T, o, idx = self.seq_len, self.offset(self.epoch), self.order(self.epoch)
+        self.epoch += 1
+        for i in range(len(self)):
+            starts = o + idx[i*self.batch_size:(i+1)*self.batch_size] * T
+            pos = starts[:, None] + torch.arange(T + 1)
+            w = self.ids[pos]
+            yield w[:, :-1], w[:, 1:]
+
+    def __repr__(self): return (f"TextWindowLoader({len(self.ids):,} tokens, seq_len={self.seq_len}, batch_size={self.batch_size}, "
+                                f"{'stateful' if self.stateful else 'shuffled' if self.shuffle else 'in order'}, batches={len(self)})")
+
+# %% ../nbs/01_data.ipynb #cc70663d
+def char_lm_dataloaders(split:TextSplit, # from `shakespeare_split`
+                        seq_len:int=100, # characters per window
+                        batch_size:int=32, # windows per training batch (validation batches are twice as large)
+                        seed:int=0, # seed of the offsets and the shuffle
+                        random_offset:bool=True, # a seeded offset each epoch
+                        stateful:bool=False) -> DataLoaders: # training batches laid out for state carried across batches
+    "Training and validation loaders of next-character windows; `.tokenizer` and `.split` hold what they came from"
+    tok = split.tokenizer
+    train = TextWindowLoader(tok.encode(split.train), seq_len, batch_size, seed=seed, random_offset=random_offset, stateful=stateful)
+    valid = TextWindowLoader(tok.encode(split.valid), seq_len, batch_size * 2, shuffle=False, random_offset=False)
+    dls = DataLoaders(train, valid, classes=list(tok.vocab))
+    dls.tokenizer, dls.split = tok, split
     return dls
 
 # %% ../nbs/01_data.ipynb #3bf429e9
@@ -536,7 +614,8 @@ def one_batch(self:DataLoaders, split:str='train'): # 'train', 'valid' or 'test'
     "The batch `(x, y)` the `split` loader serves next, drawn from a copy so the loader itself does not advance"
     dl = getattr(self, split, None)
     if dl is None: raise ValueError(f"one_batch: these DataLoaders have no {split!r} loader; use 'train', 'valid' or 'test'")
-    dl = copy.copy(dl); dl.transform = copy.deepcopy(dl.transform)   # shares the tensors; its own epoch and random state
+    dl = copy.copy(dl)
+    if hasattr(dl, 'transform'): dl.transform = copy.deepcopy(dl.transform)   # shares the tensors; its own epoch and random state
     return next(iter(dl))
 
 # %% ../nbs/01_data.ipynb #857b1c0d

@@ -25,8 +25,9 @@ from .concepts import atomic_write, default_device, markdown_table
 __all__ = ['events', 'schedules', 'digits_cnn', 'seed_fit', 'accuracy_on', 'CancelFitException', 'CancelEpochException',
            'CancelTrainException', 'CancelValidateException', 'CancelBatchException', 'CancelBackwardException',
            'CancelStepException', 'Callback', 'Learner', 'accuracy', 'confusion_matrix', 'precision', 'recall',
-           'f1_score', 'perplexity', 'plot_confusion_matrix', 'Recorder', 'ProgressCB', 'StopAfter', 'sched_one_cycle',
-           'sched_cos', 'LRSchedule', 'TimeBudget', 'EarlyStopping', 'GradientClip', 'MixedPrecision', 'Checkpoint']
+           'f1_score', 'perplexity', 'lm_loss', 'bits_per_char', 'plot_confusion_matrix', 'Recorder', 'ProgressCB',
+           'StopAfter', 'sched_one_cycle', 'sched_cos', 'LRSchedule', 'TimeBudget', 'evaluate', 'ValidateEvery',
+           'EarlyStopping', 'GradientClip', 'MixedPrecision', 'Checkpoint']
 
 # %% ../nbs/02_training.ipynb #6461e22a
 def digits_cnn(c_in:int=1, # input channels
@@ -341,6 +342,20 @@ def perplexity(preds:Tensor, # logits `(..., V)`
     "`exp` of the mean cross-entropy: the effective number of choices per token."
     return torch.exp(F.cross_entropy(preds.reshape(-1, preds.shape[-1]).float(), targs.reshape(-1)))
 
+# %% ../nbs/02_training.ipynb #43468a30
+def lm_loss(preds:Tensor, # logits `(B, T, V)`
+            targs:Tensor): # next-token ids `(B, T)`
+    "Mean next-token cross-entropy (nats) over every position of every sequence."
+    if preds.ndim != 3 or targs.shape != preds.shape[:2] or targs.is_floating_point():
+        raise ValueError(f"lm_loss expects logits (B, T, V) and integer targets (B, T); got logits {tuple(preds.shape)} and "
+                         f"targets {tuple(targs.shape)} {targs.dtype}")
+    return F.cross_entropy(preds.reshape(-1, preds.shape[-1]).float(), targs.reshape(-1))
+
+def bits_per_char(preds:Tensor, # logits `(B, T, V)`
+                  targs:Tensor): # next-character ids `(B, T)`
+    "`lm_loss` in bits: nats divided by ln 2."
+    return lm_loss(preds, targs) / math.log(2)
+
 # %% ../nbs/02_training.ipynb #aa06256c
 def plot_confusion_matrix(cm:Tensor, # from `confusion_matrix`
                           classes=None, # class names for the axes
@@ -565,7 +580,7 @@ class LRSchedule(Callback):
 
 # %% ../nbs/02_training.ipynb #32530bc8
 class TimeBudget(Callback):
-    "Stop the fit after `seconds` of wall time, pacing the fit's schedule by the clock as well as by the steps."
+    "Stop the fit after `seconds` of wall time, pacing the fit's schedule by the clock as well as by the steps; the cut epoch still validates."
     order = -20  # before `LRSchedule`, whose schedule it paces
     def __init__(self, seconds:float): # wall time allowed for the fit
         if not seconds > 0: raise ValueError(f"TimeBudget: seconds must be > 0, got {seconds}")
@@ -576,7 +591,7 @@ class TimeBudget(Callback):
         return min((time.perf_counter() - self.t0) / self.seconds, 1.)
 
     def before_fit(self):
-        self.t0, self.paced = time.perf_counter(), []
+        self.t0, self.paced, self.spent = time.perf_counter(), [], False
         for cb in self.learn.cbs:
             if isinstance(cb, LRSchedule): self.paced.append((cb, cb.sched)); cb.sched = self._pace(cb.sched)
 
@@ -585,14 +600,80 @@ class TimeBudget(Callback):
         def paced(step, total, lr_max): return sched(min(max(step, int(self.progress() * (total - 1))), total - 1), total, lr_max)
         return paced
 
-    def after_batch(self):
-        if self.learn.training and self.progress() >= 1: raise CancelFitException()
+    def pause(self, seconds:float): # time spent on something that is not training (an evaluation)
+        "Leave `seconds` out of the budget."
+        self.t0 += seconds
+
+    def after_batch(self):  # the epoch ends (its validation and row too), then the fit
+        if self.learn.training and self.progress() >= 1: self.spent = True; raise CancelTrainException()
+
+    def before_epoch(self):
+        if self.spent: self.learn.epoch -= 1; raise CancelFitException()  # the fit ends on the cut epoch
 
     def after_fit(self):
         for cb, sched in self.paced: cb.sched = sched  # the schedule as it was
 
     def state_dict(self): return {'used': time.perf_counter() - self.t0}
     def load_state_dict(self, sd): self.t0 = time.perf_counter() - sd['used']
+
+# %% ../nbs/02_training.ipynb #4241b136
+def evaluate(model:nn.Module, # the model, left in the mode it was in
+             dl, # iterable of `(x, y)` batches
+             loss_func=F.cross_entropy, # `loss_func(preds, targs)` over all the batches at once
+             metrics=None, # functions `metric(preds, targs)`
+             device=None) -> dict: # defaults to the model's device
+    "The loss and metrics of `model` on every batch of `dl`, as floats by name."
+    device = device or next(model.parameters()).device
+    was = model.training; model.eval(); preds, targs = [], []
+    try:
+        with torch.no_grad():
+            for xb, yb in dl: preds.append(model(_to_device(xb, device)).float().cpu()); targs.append(yb.cpu())
+    finally: model.train(was)
+    p, y = torch.cat(preds), torch.cat(targs)
+    return {'loss': float(loss_func(p, y)), **{_metric_name(m): float(m(p, y)) for m in _listify(metrics)}}
+
+# %% ../nbs/02_training.ipynb #f43d47cf
+class ValidateEvery(Callback):
+    "Validate every `seconds` of training or every `steps` steps, and when the fit ends; `rows` holds the curve."
+    order = 10
+    def __init__(self, seconds:float=None, # seconds of training (evaluations left out) between validations
+                 steps:int=None, # or: training steps between validations
+                 dl=None, # the loader to validate on; defaults to the learner's `data.valid`
+                 metrics=None): # functions `metric(preds, targs)`; defaults to the learner's metrics
+        if (seconds is None) == (steps is None): raise ValueError(f"ValidateEvery: pass one of seconds or steps, got seconds={seconds}, steps={steps}")
+        if not (seconds or steps) > 0: raise ValueError(f"ValidateEvery: the interval must be > 0, got {seconds or steps}")
+        self.seconds, self.steps, self.dl, self._metrics, self.rows = seconds, steps, dl, metrics, []
+
+    def train_seconds(self) -> float: return time.perf_counter() - self.t0 - self.eval_seconds
+
+    def before_fit(self):
+        self.t0, self.eval_seconds, self.rows, self.next_at = time.perf_counter(), 0., [], self.seconds
+
+    def after_batch(self):
+        L = self.learn
+        if not L.training: return
+        if self.steps: due = (L.train_iter + 1) % self.steps == 0
+        else: due = self.train_seconds() >= self.next_at
+        if due: self.validate(L.train_iter + 1)
+
+    def validate(self, step:int): # the number of training steps done
+        "Evaluate now and append a row."
+        L, t, ts = self.learn, time.perf_counter(), self.train_seconds()
+        r = evaluate(L.model, self.dl if self.dl is not None else L.data.valid, L.loss_func,
+                     L.metrics if self._metrics is None else self._metrics, L.device)
+        self.rows.append({'train_seconds': ts, 'step': step, **r})
+        dt = time.perf_counter() - t; self.eval_seconds += dt
+        for cb in L.cbs:
+            if isinstance(cb, TimeBudget): cb.pause(dt)
+        if self.seconds: self.next_at = (ts // self.seconds + 1) * self.seconds
+
+    def after_fit(self):
+        if not self.rows or self.rows[-1]['step'] != self.learn.train_iter: self.validate(self.learn.train_iter)
+
+    def state_dict(self): return {'rows': self.rows, 'train_seconds': self.train_seconds(), 'next_at': self.next_at}
+    def load_state_dict(self, sd):
+        self.rows, self.next_at, self.eval_seconds = sd['rows'], sd['next_at'], 0.
+        self.t0 = time.perf_counter() - sd['train_seconds']
 
 # %% ../nbs/02_training.ipynb #48458830
 @patch
