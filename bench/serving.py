@@ -1,0 +1,246 @@
+"""The model server under load: throughput and latency of `bigmodel_nb.serve` on the Open Inference Protocol.
+
+Every process is separate, on 127.0.0.1: the server (uvicorn + uvloop + httptools, `create_app` with the no-op
+endpoint added), and a load generator (`--loadgen`: raw asyncio sockets on uvloop, keep-alive, TCP_NODELAY, one
+request in flight per connection, responses parsed by Content-Length; no HTTP library in the way). On 2 cores the
+client competes with the server, so the client's own ceiling comes first: the same load generator against a
+minimal asyncio responder (`--echo`) that reads a request and writes a fixed answer.
+
+Then, for concurrency 1, 8, 32 and 64, `BENCH_REQUESTS` (10,000) requests of one Fashion-MNIST test image each
+(64 different images, cycled), JSON tensors and binary tensors, against:
+- the HTTP floor: `/v2/noop/infer` on the same server, which parses the request exactly as `infer` does and answers
+  with outputs of the same shapes, without a model;
+- the model server with batching on (`max_batch_size=64`, `max_delay_ms=0`: batches form while the model runs);
+- the model server with batching off (`max_batch_size=1`).
+References in the same run: the in-process `Predictor` at batch 1 and at 32 and 64 (ms per image), from which the bound on
+what batching can win follows: off, a request costs h + m1 (HTTP + the model alone); on, at best h + mB; the bound is
+(h + m1) / (h + mB), with h = 1 / floor throughput at that concurrency.
+The choices (model on the event loop or in a thread; ONNX Runtime threads; spinning) are measured at concurrency 32.
+Generation: 16 concurrent streams of 32 tokens each on the concepts chapter's TransformerLM (0.8M parameters,
+untrained, packaged with `save_package`), decoded one at a time (`generation_batch_size=1`) vs together (16),
+with the model's own step cost at batch 1 and 16 in-process.
+
+Goals: at concurrency 32 the model server reaches >= 0.7x the floor's throughput; batching on/off reaches >= 80% of the
+bound; zero errors. Last line: `serving server/floor at c=32: RATIO` (the lower of JSON and binary).
+"""
+import asyncio, json, os, pickle, socket, subprocess, sys, tempfile, time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+N_REQ = int(os.environ.get('BENCH_REQUESTS', 10000))
+
+
+# ---- the load generator and the minimal responder: no numpy, no torch, so they start in a blink ----
+
+def _install_uvloop():
+    try:
+        import uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError: pass
+
+
+async def _connection(port, reqs, n, lat, codes):
+    r, w = await asyncio.open_connection('127.0.0.1', port)
+    w.get_extra_info('socket').setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for i in range(n):
+        t = time.perf_counter(); w.write(reqs[i % len(reqs)])
+        head = await r.readuntil(b'\r\n\r\n')
+        low = head.lower(); k = low.index(b'content-length:') + 15
+        await r.readexactly(int(low[k:low.index(b'\r\n', k)]))
+        lat.append(time.perf_counter() - t); codes.append(int(head[9:12]))
+    w.close()
+
+
+async def _load(port, reqs, concurrency, total):
+    lat, codes, per = [], [], [total // concurrency + (i < total % concurrency) for i in range(concurrency)]
+    t = time.perf_counter()
+    await asyncio.gather(*[_connection(port, reqs[i::concurrency] or reqs, n, lat, codes) for i, n in enumerate(per)])
+    dt = time.perf_counter() - t
+    lat.sort(); q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
+    return {'requests': len(lat), 'seconds': dt, 'rps': len(lat) / dt, 'p50_ms': q(.5) * 1e3, 'p95_ms': q(.95) * 1e3,
+            'p99_ms': q(.99) * 1e3, 'errors': sum(c != 200 for c in codes)}
+
+
+def loadgen(port, reqfile, concurrency, total):
+    _install_uvloop()
+    reqs = pickle.loads(Path(reqfile).read_bytes())
+    print(json.dumps(asyncio.run(_load(int(port), reqs, int(concurrency), int(total)))))
+
+
+def echo(port):
+    "A minimal HTTP/1.1 responder: reads each request by Content-Length, answers 200 with a small fixed body."
+    _install_uvloop()
+    answer = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}'
+    async def handle(r, w):
+        w.get_extra_info('socket').setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                head = await r.readuntil(b'\r\n\r\n'); low = head.lower(); k = low.index(b'content-length:') + 15
+                await r.readexactly(int(low[k:low.index(b'\r\n', k)])); w.write(answer)
+        except (asyncio.IncompleteReadError, ConnectionError): w.close()
+    async def main():
+        s = await asyncio.start_server(handle, '127.0.0.1', int(port)); print('ready', flush=True)
+        async with s: await s.serve_forever()
+    asyncio.run(main())
+
+
+def server(repo, port, opts):
+    "The model server with the no-op endpoint, as `serve_command` runs it."
+    import uvicorn
+    from bigmodel_nb.serve import create_app
+    app = create_app(repo, noop=True, **json.loads(opts))
+    uvicorn.run(app, host='127.0.0.1', port=int(port), access_log=False, log_level='warning')
+
+
+# ---- the driver ----
+
+def request_bytes(path, x, binary):
+    import numpy as np
+    spec = {'name': 'pixels', 'shape': list(x.shape), 'datatype': 'UINT8'}
+    outs = [{'name': 'labels', 'parameters': {'binary_data': binary}}, {'name': 'probabilities', 'parameters': {'binary_data': binary}}]
+    if binary:
+        head = json.dumps({'inputs': [{**spec, 'parameters': {'binary_data_size': x.nbytes}}], 'outputs': outs}).encode()
+        body, extra = head + x.tobytes(), f'inference-header-content-length: {len(head)}\r\n'
+    else: body, extra = json.dumps({'inputs': [{**spec, 'data': x.ravel().tolist()}], 'outputs': outs}).encode(), ''
+    return (f'POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n{extra}\r\n').encode() + body
+
+
+def run_load(port, reqfile, concurrency, total=N_REQ):
+    out = subprocess.run([sys.executable, __file__, '--loadgen', str(port), str(reqfile), str(concurrency), str(total)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def start(args, port, ready_url=None):
+    import httpx
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE if ready_url is None else None, text=True)
+    if ready_url is None: proc.stdout.readline(); return proc
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 120:
+        try:
+            if httpx.get(ready_url, timeout=1).status_code == 200: return proc
+        except httpx.HTTPError: time.sleep(0.2)
+    proc.kill(); raise RuntimeError('server did not start')
+
+
+def stop(proc):
+    proc.terminate(); proc.wait(timeout=60)
+
+
+def main():
+    import numpy as np, torch
+    from _results import write_results
+    from bigmodel_nb.concepts import machine_info, markdown_table, time_calls, TransformerConfig, TransformerLM
+    from bigmodel_nb.data import channel_stats, load_fashion_mnist, normalize, load_shakespeare, CharTokenizer
+    from bigmodel_nb.deploy import save_package, image_config, token_config, load_package
+    from bigmodel_nb.cnn import get_trained_cnn, cnn_path
+    from bigmodel_nb.serve import ServerThread, create_app, free_port, measure_generation
+    torch.set_num_threads(1)
+    info = machine_info(); print(info, flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix='bench-serving-'))
+    ds = load_fashion_mnist(verbose=False); mean, std = channel_stats(ds.x_train)
+    full = cnn_path(False).is_file()
+    cnn = get_trained_cnn(quick=not full, verbose=False)
+    repo = tmp/'repo'
+    save_package(cnn, repo/'fashion'/'1', normalize(ds.x_test[:2], mean, std),
+                 image_config(name='fashion', mean=mean, std=std, labels=ds.classes, input_shape=(1, 28, 28)))
+    x = ds.x_test[:64].numpy()
+    reqfiles = {}
+    for path in ('/v2/noop/infer', '/v2/models/fashion/infer'):
+        for binary in (False, True):
+            f = tmp/f"req-{len(reqfiles)}.pkl"; f.write_bytes(pickle.dumps([request_bytes(path, x[i:i + 1], binary) for i in range(64)]))
+            reqfiles[path, binary] = f
+    # the in-process model costs, as the server runs it (1 ONNX Runtime thread, not spinning)
+    p = load_package(repo/'fashion'/'1', threads=1, spin=False)
+    model_ms = {b: float(np.median(time_calls(lambda: p(ds.x_test[:b].numpy()), 300 if b == 1 else 60, 20))) / b * 1e3 for b in (1, 32, 64)}
+    print(f"in-process Predictor, ms per image: {model_ms}", flush=True)
+
+    # the client's ceiling
+    port = free_port(); echo_proc = start(['--echo', str(port)], port)
+    ceiling = {c: run_load(port, reqfiles['/v2/models/fashion/infer', b], c) for c in (32,) for b in (False,)}
+    ceiling_bin = run_load(port, reqfiles['/v2/models/fashion/infer', True], 32)
+    stop(echo_proc)
+    print(f"client ceiling at c=32: JSON {ceiling[32]['rps']:.0f} req/s, binary {ceiling_bin['rps']:.0f} req/s", flush=True)
+
+    rows = []
+    def serve_and_load(label, opts, targets, concs=(1, 8, 32, 64)):
+        port = free_port(); proc = start(['--server', str(repo), str(port), json.dumps(opts)], port, f'http://127.0.0.1:{port}/v2/health/ready')
+        try:
+            for c in concs:
+                for path, name in targets:
+                    for binary in (False, True):
+                        run_load(port, reqfiles[path, binary], c, 500)  # warm-up
+                        r = run_load(port, reqfiles[path, binary], c)
+                        rows.append({'server': name if name else label, 'tensors': 'binary' if binary else 'JSON', 'concurrency': c, **r})
+                        print(rows[-1], flush=True)
+        finally: stop(proc)
+    base = dict(threads=1, spin=False, threaded=False, max_queue=4096)
+    serve_and_load('batching on', {**base, 'max_batch_size': 64}, [('/v2/noop/infer', 'floor (no-op)'), ('/v2/models/fashion/infer', 'batching on')])
+    serve_and_load('batching off', {**base, 'max_batch_size': 1}, [('/v2/models/fashion/infer', 'batching off')])
+    choices = []
+    for label, o in [('model in a worker thread', dict(threaded=True)), ('2 ORT threads, not spinning', dict(threads=2)),
+                     ('2 ORT threads, spinning', dict(threads=2, spin=True))]:
+        before = len(rows)
+        serve_and_load(label, {**base, 'max_batch_size': 64, **o}, [('/v2/models/fashion/infer', label)], concs=(32,))
+        choices += rows[before:]; del rows[before:]
+
+    # generation
+    text = str(load_shakespeare(verbose=False))[:200000]; tok = CharTokenizer(text)
+    torch.manual_seed(0)
+    lm = TransformerLM(TransformerConfig(vocab_size=tok.vocab_size, n_ctx=128, d_model=128, n_layers=4, n_heads=4)).eval()
+    n_params = sum(q.numel() for q in lm.parameters())
+    save_package(lm, repo/'char-gpt'/'1', torch.stack([tok.encode(text[:16]), tok.encode(text[16:32])]), token_config(tok, 128, name='char-gpt'))
+    lp = load_package(repo/'char-gpt'/'1', threads=1, spin=False)
+    step_ms = {(b, t): float(np.median(time_calls(lambda: lp.logits(np.zeros((b, t), np.int64)), 40, 5))) * 1e3 for b in (1, 16) for t in (24, 56)}
+    prompts = [text[i * 997:i * 997 + 24] for i in range(16)]
+    gen = []
+    for gb in (1, 16):
+        with ServerThread(create_app(repo/'char-gpt'/'1', generation_batch_size=gb, threads=1)) as url:
+            measure_generation(url, 'char-gpt', prompts[:2], 4)  # warm-up
+            gen.append({'decoding': 'one at a time' if gb == 1 else f'{gb} together', **measure_generation(url, 'char-gpt', prompts, 32)})
+        print(gen[-1], flush=True)
+    gen_speedup = gen[1]['tokens_per_s'] / gen[0]['tokens_per_s']
+    gen_bound = np.mean([16 * step_ms[1, t] / step_ms[16, t] for t in (24, 56)])
+
+    # goals
+    get = lambda s, t, c: next(r for r in rows if r['server'] == s and r['tensors'] == t and r['concurrency'] == c)
+    ratio = {t: get('batching on', t, 32)['rps'] / get('floor (no-op)', t, 32)['rps'] for t in ('JSON', 'binary')}
+    bound, achieved = {}, {}
+    for t in ('JSON', 'binary'):
+        h = 1e3 / get('floor (no-op)', t, 32)['rps']  # ms per request
+        bound[t] = (h + model_ms[1]) / (h + model_ms[64])
+        achieved[t] = get('batching on', t, 32)['rps'] / get('batching off', t, 32)['rps']
+    errors = sum(r['errors'] for r in rows + choices)
+    ms = lambda v: f'{v:.2f}'
+    cols = ['server', 'tensors', 'concurrency', 'requests', 'rps', 'p50_ms', 'p95_ms', 'p99_ms', 'errors']
+    hdr = {'rps': 'requests/s', 'p50_ms': 'p50 (ms)', 'p95_ms': 'p95 (ms)', 'p99_ms': 'p99 (ms)'}
+    fmt = {'rps': '{:.0f}', 'p50_ms': ms, 'p95_ms': ms, 'p99_ms': ms}
+    lines = [f'Machine: {info}. Server: uvicorn (uvloop, httptools), 1 process, ONNX Runtime 1 thread, not spinning, model on the event loop '
+             f'(unless the row says otherwise). CNN: {"the full trained model" if full else "the quick model"} ({sum(q.numel() for q in cnn.parameters()):,} parameters).', '',
+             f'Client ceiling (the load generator against a minimal asyncio responder, concurrency 32, the same requests): '
+             f'{ceiling[32]["rps"]:.0f} requests/s with JSON bodies, {ceiling_bin["rps"]:.0f} with binary bodies.', '',
+             f'In-process Predictor (1 thread), ms per image: batch 1 {model_ms[1]:.3f}, batch 32 {model_ms[32]:.3f}, batch 64 {model_ms[64]:.3f}.', '',
+             '## Requests of one image each', '', markdown_table(rows, cols, hdr, fmt), '',
+             '## Choices at concurrency 32 (batching on)', '', markdown_table(choices, cols, hdr, fmt), '',
+             '## Goals at concurrency 32', '']
+    for t in ('JSON', 'binary'):
+        lines.append(f'- {t}: server / floor = {ratio[t]:.3f} (goal >= 0.7); batching on/off = {achieved[t]:.3f}x of a bound '
+                     f'(h + m1)/(h + m64) = {bound[t]:.3f}x with h = {1e3 / get("floor (no-op)", t, 32)["rps"]:.3f} ms: {achieved[t] / bound[t]:.0%} of it (goal >= 80%)')
+    lines += [f'- errors over all runs: {errors} (goal 0)', '',
+              f'## Generation: 16 concurrent streams, 32 tokens each, TransformerLM ({n_params:,} parameters, char vocabulary of {tok.vocab_size})', '',
+              markdown_table(gen, fmt={'seconds': '{:.2f}', 'tokens_per_s': '{:.0f}', 'ttft_median_s': '{:.3f}', 'ttft_max_s': '{:.3f}'}), '',
+              f'One decoding step in-process (the whole window, no key/value cache in the package\'s graph), ms: '
+              + ', '.join(f'batch {b} x {t} tokens {v:.2f}' for (b, t), v in step_ms.items()) + '.', '',
+              f'16 together / one at a time = {gen_speedup:.2f}x (goal >= 8x). The bound from the step costs, 16 x step(1) / step(16), '
+              f'averaged over windows of 24 and 56 tokens: {gen_bound:.2f}x.']
+    write_results('serving', 'Model server under load', '\n'.join(lines))
+    print(f"generation 16 streams / one at a time: {gen_speedup:.2f}x (bound {gen_bound:.2f}x)")
+    for t in ('JSON', 'binary'): print(f"batching on/off {t}: {achieved[t]:.2f}x of bound {bound[t]:.2f}x = {achieved[t] / bound[t]:.0%}")
+    print(f"errors: {errors}")
+    print(f"serving server/floor at c=32: {min(ratio.values()):.3f}")
+
+
+if __name__ == '__main__':
+    if sys.argv[1:2] == ['--loadgen']: loadgen(*sys.argv[2:6])
+    elif sys.argv[1:2] == ['--echo']: echo(sys.argv[2])
+    elif sys.argv[1:2] == ['--server']: server(*sys.argv[2:5])
+    else: sys.exit(main())

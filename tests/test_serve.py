@@ -1,0 +1,297 @@
+"Tests of `bigmodel_nb.serve`: the Open Inference Protocol against tritonclient, bad input (never a 5xx, fuzzed), batching, the repository, generation, metrics, Triton export, graceful shutdown, the lifecycle step."
+import concurrent.futures, json, logging, shutil, signal, time
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import torch
+from torch import nn
+
+from bigmodel_nb.cnn import CNNConfig, FashionCNN
+from bigmodel_nb.concepts import TransformerConfig, TransformerLM
+from bigmodel_nb.data import CharTokenizer, channel_stats, load_fashion_mnist, normalize
+from bigmodel_nb.deploy import image_config, load_package, save_package, token_config
+from bigmodel_nb.serve import (ModelRepository, ServerThread, V2Client, check_triton_config, create_app, export_triton, histogram_from_metrics,
+                               metric_samples, serve_process, step_serve)
+
+torch.set_num_threads(1)
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows"
+
+
+@pytest.fixture(scope='module')
+def fashion():
+    ds = load_fashion_mnist(verbose=False)
+    mean, std = channel_stats(ds.x_train[:5000])
+    return ds.x_test[:512].numpy(), ds.y_test[:512].numpy(), mean, std, list(ds.classes)
+
+
+@pytest.fixture(scope='module')
+def repo(tmp_path_factory, fashion):
+    "A repository: an image classifier (version 1 good, version 2 tampered) and a small token model."
+    x, _, mean, std, classes = fashion
+    root = tmp_path_factory.mktemp('repo')
+    torch.manual_seed(0)
+    cnn = FashionCNN(CNNConfig(channels=(8, 16), convs=(1, 1))).eval()
+    save_package(cnn, root/'fashion'/'1', normalize(torch.from_numpy(x[:2]), mean, std),
+                 image_config(name='fashion', mean=mean, std=std, labels=classes, input_shape=(1, 28, 28)))
+    shutil.copytree(root/'fashion'/'1', root/'fashion'/'2')
+    b = bytearray((root/'fashion'/'2'/'model.onnx').read_bytes()); b[len(b) // 2] ^= 1
+    (root/'fashion'/'2'/'model.onnx').write_bytes(bytes(b))
+    tok = CharTokenizer(TEXT)
+    lm = TransformerLM(TransformerConfig(vocab_size=tok.vocab_size, n_ctx=32, d_model=32, n_layers=2, n_heads=4)).eval()
+    save_package(lm, root/'lm'/'1', torch.stack([tok.encode(TEXT[:8]), tok.encode(TEXT[8:16])]), token_config(tok, max_sequence=32, name='lm'))
+    return root
+
+
+@pytest.fixture(scope='module')
+def pred(repo): return load_package(repo/'fashion'/'1', threads=1, spin=False)
+
+
+@pytest.fixture(scope='module')
+def lm_pred(repo): return load_package(repo/'lm'/'1', threads=1, spin=False)
+
+
+@pytest.fixture(scope='module')
+def server(repo):
+    with ServerThread(create_app(repo, max_body_bytes=1 << 20)) as url: yield url
+
+
+def greedy(lm_pred, prompt, n):
+    out = prompt
+    for _ in range(n): out += lm_pred(out[-32:]).names[0]
+    return out[len(prompt):]
+
+
+def test_tritonclient_unchanged(server, fashion, pred):
+    "Triton's own client: health, metadata, and infer with binary and with JSON tensors."
+    import tritonclient.http as triton
+    x = fashion[0][:8]
+    c = triton.InferenceServerClient(server.removeprefix('http://'))
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready('fashion') and c.is_model_ready('fashion', '1')
+    assert not c.is_model_ready('fashion', '2')  # tampered
+    meta = c.get_model_metadata('fashion')
+    assert meta['inputs'] == [{'name': 'pixels', 'datatype': 'UINT8', 'shape': [-1, 1, 28, 28]}] and meta['versions'] == ['1']
+    assert c.get_server_metadata()['name'] == 'bigmodel_nb'
+    for binary in (True, False):
+        inp = triton.InferInput('pixels', [8, 1, 28, 28], 'UINT8'); inp.set_data_from_numpy(x, binary_data=binary)
+        res = c.infer('fashion', [inp], outputs=[triton.InferRequestedOutput(o, binary_data=binary) for o in ('labels', 'probabilities')])
+        np.testing.assert_array_equal(res.as_numpy('labels'), pred(x).labels)
+        np.testing.assert_allclose(res.as_numpy('probabilities'), pred(x).probs, atol=1e-6)
+    inp = triton.InferInput('pixels', [2, 28, 28], 'FP32'); inp.set_data_from_numpy((x[:2, 0] / 255).astype(np.float32))
+    np.testing.assert_array_equal(c.infer('fashion', [inp]).as_numpy('labels'), pred(x[:2]).labels)
+    c.close()
+
+
+def test_openapi_served(server):
+    doc = httpx.get(f"{server}/openapi.json").json()
+    assert '/v2/models/{name}/infer' in doc['paths'] and '/v2/repository/index' in doc['paths']
+    body = doc['paths']['/v2/models/{name}/infer']['post']['requestBody']['content']['application/json']['schema']
+    assert body['required'] == ['inputs']
+
+
+GOOD = {'name': 'pixels', 'shape': [1, 28, 28], 'datatype': 'UINT8', 'data': [0] * 784}
+BAD = [('/v2/models/fashion/infer', b'{"inputs": [', 400, 'not valid JSON'),
+       ('/v2/models/fashion/infer', orjson.dumps({'inputs': [{**GOOD, 'name': 'image'}]}), 400, "expected one input 'pixels'"),
+       ('/v2/models/fashion/infer', orjson.dumps({'inputs': [{**GOOD, 'shape': [1, 28, 27], 'data': [0] * 756}]}), 400, 'shape [1, 28, 27]'),
+       ('/v2/models/fashion/infer', orjson.dumps({'inputs': [{**GOOD, 'datatype': 'FP64'}]}), 400, 'datatype FP64'),
+       ('/v2/models/fashion/infer', orjson.dumps({'inputs': [{**GOOD, 'data': [0] * 783}]}), 400, '783 values'),
+       ('/v2/models/fashion/infer', orjson.dumps({'inputs': [{**GOOD, 'datatype': 'FP32', 'data': [1.5] * 784}]}), 400, 'in 0..1'),
+       ('/v2/models/fashion/infer', b'{"inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "data": [NaN]}]}', 400, 'not valid JSON'),
+       ('/v2/models/fashion/infer', orjson.dumps({'inputs': [GOOD], 'outputs': [{'name': 'x'}]}), 400, "unknown outputs ['x']"),
+       ('/v2/models/fashion/infer', orjson.dumps({'inputs': [GOOD]}) + b' ' * (1 << 20), 413, 'limit'),
+       ('/v2/models/nope/infer', orjson.dumps({'inputs': [GOOD]}), 404, "unknown model 'nope'"),
+       ('/v2/models/fashion/versions/9/infer', orjson.dumps({'inputs': [GOOD]}), 404, "no version '9'"),
+       ('/v2/models/fashion/versions/2/infer', orjson.dumps({'inputs': [GOOD]}), 400, 'checksum'),
+       ('/v2/models/lm/generate', orjson.dumps({'text_input': 'To be ☃'}), 400, 'vocabulary'),
+       ('/v2/models/lm/generate', orjson.dumps({'text_input': ''}), 400, 'text_input'),
+       ('/v2/models/lm/generate', orjson.dumps({'text_input': 'To', 'parameters': {'max_tokens': 0}}), 400, 'max_tokens 0'),
+       ('/v2/models/lm/generate_stream', orjson.dumps({'text_input': 'To', 'parameters': {'temperature': -1}}), 400, 'temperature -1'),
+       ('/v2/models/lm/infer', orjson.dumps({'inputs': [{'name': 'tokens', 'shape': [1, 2], 'datatype': 'INT64', 'data': [0, 999]}]}), 400, 'out of the vocabulary'),
+       ('/v2/models/fashion/generate', orjson.dumps({'text_input': 'hi'}), 400, 'generate needs a token model'),
+       ('/v2/nothing', b'', 404, 'Not Found')]
+
+
+@pytest.mark.parametrize('path,body,status,msg', BAD)
+def test_bad_input_is_a_json_error(server, path, body, status, msg):
+    r = httpx.post(server + path, content=body)
+    assert r.status_code == status and msg in r.json()['error'], (r.status_code, r.text[:300])
+
+
+def test_binary_nan_and_bad_header(server):
+    head = orjson.dumps({'inputs': [{'name': 'pixels', 'shape': [1, 28, 28], 'datatype': 'FP32', 'parameters': {'binary_data_size': 784 * 4}}]})
+    r = httpx.post(f"{server}/v2/models/fashion/infer", content=head + np.full(784, np.nan, np.float32).tobytes(),
+                   headers={'Inference-Header-Content-Length': str(len(head))})
+    assert r.status_code == 400 and 'finite and in 0..1' in r.json()['error']
+    r = httpx.post(f"{server}/v2/models/fashion/infer", content=head, headers={'Inference-Header-Content-Length': 'x'})
+    assert r.status_code == 400 and 'Inference-Header-Content-Length' in r.json()['error']
+    r = httpx.post(f"{server}/v2/models/fashion/infer", content=head + b'\0' * 10, headers={'Inference-Header-Content-Length': str(len(head))})
+    assert r.status_code == 400 and 'does not fit' in r.json()['error']
+
+
+def test_token_infer(server, lm_pred):
+    ids = lm_pred.encode(TEXT[:10])
+    with V2Client(server) as c: out = c.infer('lm', ids, input_name='tokens')
+    np.testing.assert_array_equal(out['labels'], lm_pred(ids).labels)
+    np.testing.assert_allclose(out['probabilities'], lm_pred(ids).probs, atol=1e-6)
+
+
+def test_fuzz_no_server_error(server):
+    "schemathesis generates valid and invalid requests from the served OpenAPI document; the models' names are put in
+    most of them so that the requests reach real models. None gets a 5xx."
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    failures, calls = [], 0
+    for result in schema.get_all_operations():
+        op = result.ok()
+        if '/load' in op.path or '/unload' in op.path: continue  # would change what the other tests see (tested on their own)
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @given(case=op.as_strategy(generation_mode=mode), name=st.sampled_from(['fashion', 'lm', None]), version=st.sampled_from(['1', None]))
+            def run(case, name, version):
+                nonlocal calls
+                if case.path_parameters and name is not None:
+                    case.path_parameters = {**case.path_parameters, 'name': name, **({'version': version} if version and 'version' in case.path_parameters else {})}
+                r = case.call(base_url=server, timeout=30); calls += 1
+                if r.status_code >= 500: failures.append((case.method, case.formatted_path, r.status_code, r.text[:200]))
+            run()
+    assert calls > 200 and not failures, failures[:5]
+
+
+def test_batching_fuses_requests(repo, fashion, pred):
+    x = fashion[0]
+    with ServerThread(create_app(repo, max_batch_size=16, max_delay_ms=200.0)) as url:
+        clients = [V2Client(url) for _ in range(16)]
+        with concurrent.futures.ThreadPoolExecutor(16) as ex:
+            out = list(ex.map(lambda i: clients[i].infer('fashion', x[i:i + 1], outputs=('labels',))['labels'][0], range(16)))
+        text = clients[0].metrics()
+    assert out == pred(x[:16]).labels.tolist()
+    les, counts = histogram_from_metrics(text, 'bigmodel_batch_size', model='fashion')
+    assert counts.sum() <= 4 and metric_samples(text, 'bigmodel_batch_size_sum', model='fashion')[0][1] == 16
+
+
+def test_queue_full_503_with_retry_after(repo, fashion):
+    x = fashion[0]
+    with ServerThread(create_app(repo, max_queue=2, max_delay_ms=500.0)) as url:
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            rs = list(ex.map(lambda i: httpx.post(f"{url}/v2/models/fashion/infer", timeout=30,
+                                                  content=orjson.dumps({'inputs': [{**GOOD, 'data': x[i].ravel().tolist()}]})), range(4)))
+    codes = sorted(r.status_code for r in rs)
+    assert codes == [200, 200, 503, 503], codes
+    full = [r for r in rs if r.status_code == 503][0]
+    assert full.headers['retry-after'] == '1' and 'queue is full' in full.json()['error']
+
+
+def test_repository_extension(repo, tmp_path):
+    root = tmp_path/'r'; shutil.copytree(repo, root)
+    with ServerThread(create_app(root)) as url, httpx.Client(base_url=url) as c:
+        index = c.post('/v2/repository/index').json()
+        assert [(i['name'], i['version'], i['state']) for i in index] == [('fashion', '1', 'READY'), ('fashion', '2', 'UNAVAILABLE'), ('lm', '1', 'READY')]
+        assert 'model.onnx fails its checksum' in index[1]['reason']
+        assert c.post('/v2/repository/models/lm/unload').status_code == 200
+        r = c.post('/v2/models/lm/generate', json={'text_input': 'To'}); assert r.status_code == 400 and 'no ready version' in r.json()['error']
+        assert c.get('/v2/models/lm/ready').status_code == 400
+        assert c.post('/v2/repository/models/lm/load').status_code == 200 and c.get('/v2/models/lm/ready').status_code == 200
+        r = c.post('/v2/repository/models/fashion/load'); assert r.status_code == 400 and 'version 2' in r.json()['error']
+        assert c.post('/v2/repository/models/nope/load').status_code == 404
+        shutil.copytree(root/'fashion'/'1', root/'fashion'/'3')  # a new version appears on disk, then is loaded
+        assert c.post('/v2/repository/models/fashion/load').status_code == 400  # version 2 still tampered
+        assert c.get('/v2/models/fashion').json()['versions'] == ['1', '3']
+        loaded = {l['version']: v for l, v in metric_samples(c.get('/metrics').text, 'bigmodel_model_loaded', model='fashion')}
+        assert loaded == {'1': 1.0, '2': 0.0, '3': 1.0}
+
+
+def test_single_package_folder(repo):
+    r = ModelRepository(repo/'fashion'/'1'); r.load()
+    assert [(i['name'], i['version'], i['state']) for i in r.index()] == [('fashion', '1', 'READY')]
+    with pytest.raises(ValueError, match='no such folder'): ModelRepository(repo/'missing')
+
+
+def test_generation_continuous_batching(server, lm_pred):
+    "Concurrent streams of different lengths through the server equal one-at-a-time greedy generation."
+    prompts, ns = ['To be', 'whether', 'the mind to', 'slings', 'or not to be, that'], [20, 3, 11, 7, 40]
+    def one(i):
+        with V2Client(server) as c:
+            return ''.join(c.stream('lm', prompts[i], ns[i])) if i % 2 else c.generate('lm', prompts[i], ns[i])
+    with concurrent.futures.ThreadPoolExecutor(5) as ex: outs = list(ex.map(one, range(5)))
+    assert outs == [greedy(lm_pred, p, n) for p, n in zip(prompts, ns)]
+    text = httpx.get(f"{server}/metrics").text
+    les, counts = histogram_from_metrics(text, 'bigmodel_generation_batch_size', model='lm')
+    assert counts.sum() < sum(ns)  # steps were shared
+    assert metric_samples(text, 'bigmodel_generated_tokens_total', model='lm')[0][1] >= sum(ns)
+    assert sum(histogram_from_metrics(text, 'bigmodel_time_to_first_token_seconds', model='lm')[1]) >= 5
+
+
+def test_stream_is_server_sent_events(server):
+    with httpx.stream('POST', f"{server}/v2/models/lm/generate_stream", json={'text_input': 'To be', 'parameters': {'max_tokens': 5}}) as r:
+        assert r.headers['content-type'].startswith('text/event-stream')
+        events = [json.loads(l[6:]) for l in r.iter_lines() if l.startswith('data: ')]
+    assert len(events) == 5 and all(set(e) == {'model_name', 'model_version', 'text_output'} and len(e['text_output']) == 1 for e in events)
+
+
+def test_sampling_seeded(server):
+    with V2Client(server) as c:
+        a, b, d = (c.generate('lm', 'To be', 30, temperature=1.5, seed=s) for s in (3, 3, 4))
+    assert a == b and a != d
+
+
+def test_metrics_drift_and_json_log(repo, fashion, pred, caplog):
+    x = fashion[0]
+    bright = np.clip(x.astype(np.int16) + 80, 0, 255).astype(np.uint8)
+    with caplog.at_level(logging.INFO, logger='bigmodel_nb.serve'):
+        drift = {}
+        for name, imgs in [('plain', x), ('bright', bright)]:
+            with ServerThread(create_app(repo)) as url, V2Client(url) as c:
+                for i in range(0, 512, 32): c.infer('fashion', imgs[i:i + 32], outputs=('labels',))
+                text = c.metrics()
+            drift[name] = metric_samples(text, 'bigmodel_input_drift', model='fashion', version='1')[0][1]
+            if name == 'plain': plain_text = text
+    assert drift['plain'] < 0.1 < 0.4 < drift['bright'], drift
+    counted = {l['label']: v for l, v in metric_samples(plain_text, 'bigmodel_predictions_total', model='fashion')}
+    want = np.bincount(pred(x).labels, minlength=10)
+    assert counted == {fashion[4][i]: float(c) for i, c in enumerate(want) if c}
+    assert metric_samples(plain_text, 'bigmodel_requests_total', model='fashion', endpoint='infer', status='200')[0][1] == 16
+    assert sum(histogram_from_metrics(plain_text, 'bigmodel_queue_seconds', model='fashion')[1]) == 16
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == 'bigmodel_nb.serve']
+    assert len(lines) == 32 and all(l['endpoint'] == 'infer' and l['status'] == 200 and l['items'] == 32 and l['seconds'] > 0 for l in lines)
+
+
+def test_triton_export(repo, tmp_path, fashion, pred):
+    import onnxruntime as ort
+    d = export_triton(repo/'fashion'/'1', tmp_path/'triton', max_batch_size=32)
+    cfg = check_triton_config((d/'config.pbtxt').read_text())
+    assert cfg.name == 'fashion' and cfg.max_batch_size == 32 and cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    assert [(i.name, list(i.dims)) for i in cfg.input] == [('pixels', [1, 28, 28])]
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [('logits', [10]), ('probabilities', [10]), ('labels', [1])]
+    s = ort.InferenceSession(str(d/'1'/'model.onnx'))
+    np.testing.assert_array_equal(s.run(['labels'], {'pixels': fashion[0][:64]})[0], pred(fashion[0][:64]).labels)
+    t = check_triton_config((export_triton(repo/'lm'/'1', tmp_path/'triton')/'config.pbtxt').read_text())
+    assert [(i.name, list(i.dims)) for i in t.input] == [('tokens', [-1])]
+    with pytest.raises(ValueError, match='dynamic_batchin'): check_triton_config('name: "x" dynamic_batchin { }')
+    with pytest.raises(Exception, match='checksum'): export_triton(repo/'fashion'/'2', tmp_path/'t2')
+
+
+def test_graceful_shutdown_sigterm(repo, fashion, pred):
+    "Requests in flight when SIGTERM arrives (queued in the batcher, mid-generation) all finish; the process exits 0."
+    x = fashion[0]
+    proc, url = serve_process(repo, max_delay_ms=400.0)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as ex:
+            jobs = [ex.submit(lambda i=i: V2Client(url).infer('fashion', x[i:i + 2], outputs=('labels',))['labels'].tolist()) for i in range(0, 8, 2)]
+            jobs.append(ex.submit(lambda: V2Client(url).generate('lm', 'To be', max_tokens=200)))
+            time.sleep(0.2); proc.send_signal(signal.SIGTERM)
+            res = [j.result(timeout=60) for j in jobs]
+        assert sum(res[:4], []) == pred(x[:8]).labels.tolist() and len(res[4]) == 200
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.ConnectError): httpx.get(f"{url}/v2/health/live")
+    finally:
+        if proc.poll() is None: proc.kill()
+
+
+def test_step_serve(repo, fashion, tmp_path):
+    x, y = fashion[0][:256], fashion[1][:256]
+    out = step_serve(repo/'fashion'/'1', torch.from_numpy(x), y, tmp_path)
+    assert out['labels_match'] and out['mismatches'] == 0 and out['errors'] == 0 and out['images'] == 256 and out['requests'] == 64
+    assert 0 <= out['served_accuracy'] <= 1 and out['model_calls'] <= 64
+    assert (tmp_path/'serving.md').read_text().startswith('## Serving') and (tmp_path/'serving.png').stat().st_size > 5000
