@@ -84,9 +84,11 @@ def echo(port):
 
 
 def server(repo, port, opts):
-    "The model server with the no-op endpoint, as `serve_command` runs it."
-    import uvicorn
-    from bigmodel_nb.serve import create_app
+    "The model server with the no-op endpoint, as `serve_command` runs it (request log included)."
+    import logging, uvicorn
+    from bigmodel_nb.serve import create_app, log
+    h = logging.FileHandler(Path(repo).parent/f'requests-{port}.log'); h.setFormatter(logging.Formatter('%(message)s'))
+    log.addHandler(h); log.setLevel(logging.INFO)  # one JSON line per request, as `serve_command` writes them (to a file here)
     app = create_app(repo, noop=True, **json.loads(opts))
     uvicorn.run(app, host='127.0.0.1', port=int(port), access_log=False, log_level='warning')
 
@@ -94,7 +96,6 @@ def server(repo, port, opts):
 # ---- the driver ----
 
 def request_bytes(path, x, binary):
-    import numpy as np
     spec = {'name': 'pixels', 'shape': list(x.shape), 'datatype': 'UINT8'}
     outs = [{'name': 'labels', 'parameters': {'binary_data': binary}}, {'name': 'probabilities', 'parameters': {'binary_data': binary}}]
     if binary:
@@ -228,7 +229,7 @@ def main():
     lines += [f'- errors over all runs: {errors} (goal 0)', '',
               f'## Generation: 16 concurrent streams, 32 tokens each, TransformerLM ({n_params:,} parameters, char vocabulary of {tok.vocab_size})', '',
               markdown_table(gen, fmt={'seconds': '{:.2f}', 'tokens_per_s': '{:.0f}', 'ttft_median_s': '{:.3f}', 'ttft_max_s': '{:.3f}'}), '',
-              f'One decoding step in-process (the whole window, no key/value cache in the package\'s graph), ms: '
+              'One decoding step in-process (the whole window, no key/value cache in the package\'s graph), ms: '
               + ', '.join(f'batch {b} x {t} tokens {v:.2f}' for (b, t), v in step_ms.items()) + '.', '',
               f'16 together / one at a time = {gen_speedup:.2f}x (goal >= 8x). The bound from the step costs, 16 x step(1) / step(16), '
               f'averaged over windows of 24 and 56 tokens: {gen_bound:.2f}x.']

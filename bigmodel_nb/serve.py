@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastcore.basics import patch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
-from .deploy import load_package, verify_package, serving_graph, Predictor, TokenPredictor, PackageError
+from .deploy import load_package, verify_package, serving_graph, Predictor, TokenPredictor
 
 # %% auto #0
 __all__ = ['V2_DATATYPES', 'LATENCY_BUCKETS', 'INFER_REQUEST_SCHEMA', 'GENERATE_REQUEST_SCHEMA', 'MAX_GENERATE_TOKENS', 'log',
@@ -820,7 +820,7 @@ def plot_serving(text:str, # the `/metrics` text
                  model:str, # the model whose request latency and batch sizes to draw
                  path=None): # save the figure here, if given
     "Request latency and batch-size histograms of one model, from `/metrics`."
-    import matplotlib; import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.2))
     for ax, (name, unit, title) in zip(axs, [('bigmodel_request_seconds', 1000, 'request latency in the server (ms)'), ('bigmodel_batch_size', 1, 'images per model call')]):
         les, counts = histogram_from_metrics(text, name, model=model)

@@ -1,12 +1,11 @@
 "Tests of `bigmodel_nb.serve`: the Open Inference Protocol against tritonclient, bad input (never a 5xx, fuzzed), batching, the repository, generation, metrics, Triton export, graceful shutdown, the lifecycle step."
-import concurrent.futures, json, logging, shutil, signal, time
+import concurrent.futures, json, logging, os, shutil, signal, time
 
 import httpx
 import numpy as np
 import orjson
 import pytest
 import torch
-from torch import nn
 
 from bigmodel_nb.cnn import CNNConfig, FashionCNN
 from bigmodel_nb.concepts import TransformerConfig, TransformerLM
@@ -112,7 +111,7 @@ BAD = [('/v2/models/fashion/infer', b'{"inputs": [', 400, 'not valid JSON'),
        ('/v2/nothing', b'', 404, 'Not Found')]
 
 
-@pytest.mark.parametrize('path,body,status,msg', BAD)
+@pytest.mark.parametrize('path,body,status,msg', BAD, ids=[f'{b[0]}-{b[3]}' for b in BAD])
 def test_bad_input_is_a_json_error(server, path, body, status, msg):
     r = httpx.post(server + path, content=body)
     assert r.status_code == status and msg in r.json()['error'], (r.status_code, r.text[:300])
@@ -137,17 +136,18 @@ def test_token_infer(server, lm_pred):
 
 
 def test_fuzz_no_server_error(server):
-    "schemathesis generates valid and invalid requests from the served OpenAPI document; the models' names are put in
-    most of them so that the requests reach real models. None gets a 5xx."
+    """schemathesis generates valid and invalid requests from the served OpenAPI document; the models' names are put in
+    most of them so that the requests reach real models. None gets a 5xx."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis.errors import Unsatisfiable
     schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
     failures, calls = [], 0
     for result in schema.get_all_operations():
         op = result.ok()
         if '/load' in op.path or '/unload' in op.path: continue  # would change what the other tests see (tested on their own)
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-            @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), database=None)
             @given(case=op.as_strategy(generation_mode=mode), name=st.sampled_from(['fashion', 'lm', None]), version=st.sampled_from(['1', None]))
             def run(case, name, version):
                 nonlocal calls
@@ -155,8 +155,9 @@ def test_fuzz_no_server_error(server):
                     case.path_parameters = {**case.path_parameters, 'name': name, **({'version': version} if version and 'version' in case.path_parameters else {})}
                 r = case.call(base_url=server, timeout=30); calls += 1
                 if r.status_code >= 500: failures.append((case.method, case.formatted_path, r.status_code, r.text[:200]))
-            run()
-    assert calls > 200 and not failures, failures[:5]
+            try: run()
+            except Unsatisfiable: pass  # e.g. no invalid request exists for an operation without parameters
+    assert calls > 80 and not failures, failures[:5]
 
 
 def test_batching_fuses_requests(repo, fashion, pred):
@@ -208,15 +209,16 @@ def test_single_package_folder(repo):
     with pytest.raises(ValueError, match='no such folder'): ModelRepository(repo/'missing')
 
 
-def test_generation_continuous_batching(server, lm_pred):
+def test_generation_continuous_batching(repo, lm_pred):
     "Concurrent streams of different lengths through the server equal one-at-a-time greedy generation."
     prompts, ns = ['To be', 'whether', 'the mind to', 'slings', 'or not to be, that'], [20, 3, 11, 7, 40]
-    def one(i):
-        with V2Client(server) as c:
-            return ''.join(c.stream('lm', prompts[i], ns[i])) if i % 2 else c.generate('lm', prompts[i], ns[i])
-    with concurrent.futures.ThreadPoolExecutor(5) as ex: outs = list(ex.map(one, range(5)))
+    with ServerThread(create_app(repo)) as url:
+        def one(i):
+            with V2Client(url) as c:
+                return ''.join(c.stream('lm', prompts[i], ns[i])) if i % 2 else c.generate('lm', prompts[i], ns[i])
+        with concurrent.futures.ThreadPoolExecutor(5) as ex: outs = list(ex.map(one, range(5)))
+        text = httpx.get(f"{url}/metrics").text
     assert outs == [greedy(lm_pred, p, n) for p, n in zip(prompts, ns)]
-    text = httpx.get(f"{server}/metrics").text
     les, counts = histogram_from_metrics(text, 'bigmodel_generation_batch_size', model='lm')
     assert counts.sum() < sum(ns)  # steps were shared
     assert metric_samples(text, 'bigmodel_generated_tokens_total', model='lm')[0][1] >= sum(ns)
@@ -232,7 +234,7 @@ def test_stream_is_server_sent_events(server):
 
 def test_sampling_seeded(server):
     with V2Client(server) as c:
-        a, b, d = (c.generate('lm', 'To be', 30, temperature=1.5, seed=s) for s in (3, 3, 4))
+        a, b, d = (c.generate('lm', 'To be', 30, temperature=5.0, seed=s) for s in (3, 3, 4))
     assert a == b and a != d
 
 
@@ -275,14 +277,14 @@ def test_triton_export(repo, tmp_path, fashion, pred):
 def test_graceful_shutdown_sigterm(repo, fashion, pred):
     "Requests in flight when SIGTERM arrives (queued in the batcher, mid-generation) all finish; the process exits 0."
     x = fashion[0]
-    proc, url = serve_process(repo, max_delay_ms=400.0)
+    proc, url = serve_process(repo, max_delay_ms=1500.0)
     try:
         with concurrent.futures.ThreadPoolExecutor(6) as ex:
             jobs = [ex.submit(lambda i=i: V2Client(url).infer('fashion', x[i:i + 2], outputs=('labels',))['labels'].tolist()) for i in range(0, 8, 2)]
-            jobs.append(ex.submit(lambda: V2Client(url).generate('lm', 'To be', max_tokens=200)))
-            time.sleep(0.2); proc.send_signal(signal.SIGTERM)
+            jobs.append(ex.submit(lambda: V2Client(url).generate('lm', 'To be', max_tokens=500)))
+            time.sleep(0.6); proc.send_signal(signal.SIGTERM)
             res = [j.result(timeout=60) for j in jobs]
-        assert sum(res[:4], []) == pred(x[:8]).labels.tolist() and len(res[4]) == 200
+        assert sum(res[:4], []) == pred(x[:8]).labels.tolist() and len(res[4]) == 500
         assert proc.wait(timeout=60) == 0
         with pytest.raises(httpx.ConnectError): httpx.get(f"{url}/v2/health/live")
     finally:
@@ -295,3 +297,18 @@ def test_step_serve(repo, fashion, tmp_path):
     assert out['labels_match'] and out['mismatches'] == 0 and out['errors'] == 0 and out['images'] == 256 and out['requests'] == 64
     assert 0 <= out['served_accuracy'] <= 1 and out['model_calls'] <= 64
     assert (tmp_path/'serving.md').read_text().startswith('## Serving') and (tmp_path/'serving.png').stat().st_size > 5000
+
+
+@pytest.mark.skipif(os.environ.get('BIGMODEL_NB_FULL') != '1', reason='three processes that each import torch: about a minute on 2 cores; BIGMODEL_NB_FULL=1 runs it')
+def test_workers_share_one_port(repo, fashion, pred):
+    "--workers 2: two processes behind one port both answer; SIGTERM stops them all with status 0."
+    x = fashion[0]
+    proc, url = serve_process(repo, workers=2)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            out = list(ex.map(lambda i: V2Client(url).infer('fashion', x[i:i + 4], outputs=('labels',))['labels'].tolist(), range(0, 32, 4)))
+        assert sum(out, []) == pred(x[:32]).labels.tolist()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None: proc.kill()
