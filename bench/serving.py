@@ -214,7 +214,7 @@ def main():
     ms = lambda v: f'{v:.2f}'
     cols = ['server', 'tensors', 'concurrency', 'requests', 'rps', 'p50_ms', 'p95_ms', 'p99_ms', 'errors']
     hdr = {'rps': 'requests/s', 'p50_ms': 'p50 (ms)', 'p95_ms': 'p95 (ms)', 'p99_ms': 'p99 (ms)'}
-    fmt = {'rps': '{:.0f}', 'p50_ms': ms, 'p95_ms': ms, 'p99_ms': ms}
+    fmt = {'rps': '.0f', 'p50_ms': ms, 'p95_ms': ms, 'p99_ms': ms}
     lines = [f'Machine: {info}. Server: uvicorn (uvloop, httptools), 1 process, ONNX Runtime 1 thread, not spinning, model on the event loop '
              f'(unless the row says otherwise). CNN: {"the full trained model" if full else "the quick model"} ({sum(q.numel() for q in cnn.parameters()):,} parameters).', '',
              f'Client ceiling (the load generator against a minimal asyncio responder, concurrency 32, the same requests): '
@@ -228,7 +228,7 @@ def main():
                      f'(h + m1)/(h + m64) = {bound[t]:.3f}x with h = {1e3 / get("floor (no-op)", t, 32)["rps"]:.3f} ms: {achieved[t] / bound[t]:.0%} of it (goal >= 80%)')
     lines += [f'- errors over all runs: {errors} (goal 0)', '',
               f'## Generation: 16 concurrent streams, 32 tokens each, TransformerLM ({n_params:,} parameters, char vocabulary of {tok.vocab_size})', '',
-              markdown_table(gen, fmt={'seconds': '{:.2f}', 'tokens_per_s': '{:.0f}', 'ttft_median_s': '{:.3f}', 'ttft_max_s': '{:.3f}'}), '',
+              markdown_table(gen, fmt={'seconds': '.2f', 'tokens_per_s': '.0f', 'ttft_median_s': '.3f', 'ttft_max_s': '.3f'}), '',
               'One decoding step in-process (the whole window, no key/value cache in the package\'s graph), ms: '
               + ', '.join(f'batch {b} x {t} tokens {v:.2f}' for (b, t), v in step_ms.items()) + '.', '',
               f'16 together / one at a time = {gen_speedup:.2f}x (goal >= 8x). The bound from the step costs, 16 x step(1) / step(16), '
