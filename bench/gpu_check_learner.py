@@ -5,17 +5,26 @@
 2. A one-cycle run stopped after epoch 2 (`StopAfter`, checkpoint saved on CUDA) and resumed in a fresh learner must
    end with the same weights as a run never stopped (torch.equal), with mixed precision on, so the GradScaler's
    state, the CUDA RNG, the optimizer state and the schedule's position all round-trip.
-Exits 1 if a check fails. Without CUDA it says so and exits 0 (so `make bench` passes on CPU machines);
-`--cpu` runs the same flow on the CPU (mixed precision in bfloat16) to check the script itself.
+3. The Learner as rank 0 of a 1-rank NCCL process group (`distributed.init_distributed('nccl')`, `to_distributed()`:
+   DistributedDataParallel, SyncBatchNorm, sharded loader) with mixed precision: it must reach >= 97% test accuracy,
+   and end with the same weights as the same fit without the process group (within 1e-5: one rank, so the all-reduce
+   is the identity and only DDP's bucketed gradient copy differs). Prints the time of each.
+Writes what it printed to bench/results/gpu_check_learner.md. Exits 1 if a check fails. Without CUDA it says so and
+exits 0 (so `make bench` passes on CPU machines) and writes nothing; `--cpu` runs the same flow on the CPU (mixed
+precision in bfloat16, gloo instead of NCCL) to check the script itself.
 """
 import os
 os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # deterministic cuBLAS, set before CUDA starts
-import sys, tempfile, time
+import contextlib, io, sys, tempfile, time
 from pathlib import Path
 
 import torch
 
+from _results import write_results
+
+from bigmodel_nb.concepts import machine_info
 from bigmodel_nb.data import TensorLoader, image_dataloaders
+from bigmodel_nb.distributed import free_port, init_distributed
 from bigmodel_nb.learner import Checkpoint, Learner, MixedPrecision, StopAfter, accuracy, digits_cnn
 
 
@@ -73,9 +82,45 @@ def main():
     cpu = Learner(digits_cnn(), dls, metrics=accuracy, progress=False, device='cpu').load(tmp / 'ckpt.safetensors', with_opt=False)
     print(f"the CUDA checkpoint loads on the CPU: valid accuracy {cpu.validate()['accuracy']:.4f}")
 
+    # 3. a 1-rank NCCL process group, mixed precision on
+    import torch.distributed as dist
+    backend = 'gloo' if dry else 'nccl'
+    init_distributed(backend, timeout=120, rank=0, world_size=1, master_port=free_port())
+    ws = {}
+    for distributed in (False, True):
+        torch.manual_seed(0)
+        learn = Learner(digits_cnn(), dls, metrics=accuracy, lr=1e-2, progress=False, device=dev, cbs=[amp_cb()])
+        if distributed: learn.to_distributed()
+        sync(); t0 = time.perf_counter()
+        learn.fit_one_cycle(8)
+        sync(); dt = time.perf_counter() - t0
+        ws[distributed] = {k: v.detach().float().cpu() for k, v in learn.model.state_dict().items()}
+        acc = learn.validate(dls.test)['accuracy']
+        print(f"{'1-rank ' + backend + ' DDP' if distributed else 'no process group'}, mixed precision: test accuracy "
+              f"{acc:.4f}, 8 epochs in {dt:.2f} s")
+        if acc < 0.97: print('FAIL: test accuracy below 0.97'); ok = False
+    d = max((ws[True][k] - ws[False][k]).abs().max().item() for k in ws[True])
+    print(f'1-rank {backend} DDP vs no process group: largest weight difference {d:.2e}')
+    if d > 1e-5: print('FAIL: weights differ by more than 1e-5'); ok = False
+    dist.destroy_process_group()
+
     print(f"gpu_check_learner: {'ok' if ok else 'FAILED'}")
     return 0 if ok else 1
 
 
+def run():
+    "Run `main`, echo what it prints, and write it to bench/results/gpu_check_learner.md (not when skipped)."
+    buf = io.StringIO()
+    class Tee(io.TextIOBase):
+        def write(self, s): sys.__stdout__.write(s); buf.write(s); return len(s)
+    with contextlib.redirect_stdout(Tee()): rc = main()
+    out = buf.getvalue()
+    if 'skipped' not in out:
+        name = 'gpu_check_learner' + ('_cpu_dry_run' if '--cpu' in sys.argv else '')
+        write_results(name, 'GPU check of the Learner' + (' (CPU dry run)' if '--cpu' in sys.argv else ''),
+                      f'Machine: {machine_info()}\n\n```\n{out.strip()}\n```', show=False)
+    return rc
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run())
