@@ -166,3 +166,47 @@ def test_info_names_the_data_sources(capsys):
     rc, out, err = run_main(capsys, 'info')
     assert rc == 0, err
     assert 'fashion_mnist:' in out and 'digits:' in out
+
+
+def test_train_runs_on_one_process_and_on_two_through_torchrun(tmp_path):
+    "`bigmodel-nb train --nproc 2` re-launches itself through torchrun (`python -m bigmodel_nb.cli train ...`)."
+    logs = {}
+    for n in (1, 2):
+        res = run('train', '--nproc', str(n), '--data', 'digits', '--epochs', '1', '--limit', '600', '--out', str(tmp_path/f'p{n}'), timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        logs[n] = json.loads((tmp_path/f'p{n}'/'log.json').read_text())
+        assert logs[n]['world_size'] == n and (tmp_path/f'p{n}'/'model.safetensors').is_file()
+    assert f"{2} process(es): valid accuracy" in res.stdout
+    assert len(logs[1]['log']) == len(logs[2]['log']) == 1
+
+
+def test_lm_quick_trains_samples_and_packages(tmp_path):
+    res = run('lm', '--quick', '--arch', 'gru', '--out', str(tmp_path), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    m = json.loads((run_dir/'metrics.json').read_text())
+    assert m['arch'] == 'gru' and m['quick'] is True and 1.0 < m['valid_nats'] < 4.4, m  # uniform over 77 characters: 4.34 nats
+    assert (run_dir/'curve.png').is_file() and 'temperature 0.5' in (run_dir/'samples.txt').read_text()
+    res = run('verify', str(run_dir/'package'), timeout=300)
+    assert res.returncode == 0 and 'token_model' in res.stdout, res.stdout + res.stderr
+
+
+def test_serve_answers_health_and_stops_cleanly_on_sigterm(quick_run):
+    "The console script binds 127.0.0.1 by default and exits 0 on SIGTERM."
+    import signal, socket, time, urllib.request
+    _, run_dir = quick_run
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    p = subprocess.Popen(['bigmodel-nb', 'serve', str(run_dir/'package'), '--port', str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f'http://127.0.0.1:{port}/v2/health/ready', timeout=2) as r:
+                    if r.status == 200: break
+            except OSError: time.sleep(0.2)
+        else: raise AssertionError('the server never became ready')
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}/v2', timeout=5) as r: meta = json.loads(r.read())
+        assert 'name' in meta and 'version' in meta, meta  # the protocol's server metadata
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err[-3000:]
