@@ -1,0 +1,59 @@
+"""Generation with a KV cache against recomputing the prefix: 256 new tokens at context 256, a 0.8M-parameter GPT.
+
+Both paths are the RNN chapter's `generate` (one sampling code): given `context=256` it recomputes the model on the
+last 256 tokens for every new token; without it, it calls the GPT's `step(ids, state)`, which runs only the new token
+against the cached keys and values (chapter 05's `KVCache`). Greedy decoding (`top_k=1`): the two must produce the
+same text, which is checked before timing. The GPT has nanoGPT's CPU shape (4 layers, 4 heads, 128 wide, no biases)
+with context 256 and rotary positions; its weights are drawn wider than at initialisation (std 0.1), so that the
+greedy choices are far from ties (the time does not depend on the values). Runs are interleaved
+(`concepts.interleaved_rounds`), two threads.
+
+Goal: the cache at least 4x faster than recomputation. Prints a Markdown table, writes bench/results/generate.md and
+ends with `generate speed-up (KV cache vs recompute, 256 tokens at context 256): X.XX`.
+"""
+import os, sys
+
+import torch
+
+from _results import write_results
+
+from bigmodel_nb.attention import GPT
+from bigmodel_nb.concepts import TransformerConfig, count_parameters, interleaved_rounds, machine_info, markdown_table, time_stats
+from bigmodel_nb.data import shakespeare_split
+from bigmodel_nb.rnn import generate
+
+N, CTX = 256, 256
+ROUNDS = int(os.environ.get('BENCH_ROUNDS', 5))
+GOAL = 4.0
+
+
+def main():
+    torch.set_num_threads(int(os.environ.get('BENCH_THREADS', 2)))
+    tok = shakespeare_split(verbose=False).tokenizer
+    torch.manual_seed(0)
+    model = GPT(TransformerConfig(tok.vocab_size, CTX, 128, 4, 4, bias=False, positions='rotary')).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2: p.normal_(0, 0.1)
+    prompt = '\n'
+    runs = {'recompute': lambda: generate(model, tok, prompt, N, top_k=1, context=CTX),
+            'KV cache': lambda: generate(model, tok, prompt, N, top_k=1)}
+    texts = {k: f() for k, f in runs.items()}
+    if texts['recompute'] != texts['KV cache']:
+        sys.exit(f"the cached and recomputed greedy texts differ:\n{texts['recompute']!r}\n{texts['KV cache']!r}")
+    times = interleaved_rounds(runs, rounds=ROUNDS, repeats=1, warmup=1)
+    st = {k: time_stats(v) for k, v in times.items()}
+    speedup = st['recompute']['median'] / st['KV cache']['median']
+    rows = [{'path': k, 'ms for 256 tokens': 1e3 * s['median'], 'p10 ms': 1e3 * s['p10'], 'p90 ms': 1e3 * s['p90'],
+             'ms per token': 1e3 * s['median'] / N, 'runs': s['n']} for k, s in st.items()]
+    body = (f"Machine: {machine_info()}\n\nGPT {count_parameters(model):,} parameters (4 layers, 128 wide, rotary, "
+            f"context {CTX}); greedy, prompt of one character, {N} new tokens; the same text on both paths "
+            f"({texts['KV cache'][1:41]!r}...). Medians over {ROUNDS} interleaved rounds.\n\n"
+            + markdown_table(rows, fmt={'ms for 256 tokens': '.0f', 'p10 ms': '.0f', 'p90 ms': '.0f', 'ms per token': '.2f'})
+            + f"\n\nSpeed-up of the cache: {speedup:.2f}x (goal >= {GOAL}x: {'met' if speedup >= GOAL else 'NOT met'})")
+    write_results('generate', 'Generation: KV cache against recomputation', body)
+    print(f'generate speed-up (KV cache vs recompute, 256 tokens at context 256): {speedup:.2f}')
+
+
+if __name__ == '__main__':
+    main()
