@@ -508,14 +508,17 @@ class TextWindowLoader:
         if not self.shuffle: return torch.arange(n)
         return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1))
 
+    def windows(self, idx:torch.Tensor, # window indexes (from `order`)
+                offset:int=0): # the epoch's offset (from `offset`)
+        "The batch `(x, y)` of windows `idx`, starting at `offset`"
+        pos = (offset + idx * self.seq_len)[:, None] + torch.arange(self.seq_len + 1)
+        w = self.ids[pos]
+        return w[:, :-1], w[:, 1:]
+
     def __iter__(self):
-        T, o, idx = self.seq_len, self.offset(self.epoch), self.order(self.epoch)
+        o, idx = self.offset(self.epoch), self.order(self.epoch)
         self.epoch += 1
-        for i in range(len(self)):
-            starts = o + idx[i*self.batch_size:(i+1)*self.batch_size] * T
-            pos = starts[:, None] + torch.arange(T + 1)
-            w = self.ids[pos]
-            yield w[:, :-1], w[:, 1:]
+        for i in range(len(self)): yield self.windows(idx[i*self.batch_size:(i+1)*self.batch_size], o)
 
     def __repr__(self): return (f"TextWindowLoader({len(self.ids):,} tokens, seq_len={self.seq_len}, batch_size={self.batch_size}, "
                                 f"{'stateful' if self.stateful else 'shuffled' if self.shuffle else 'in order'}, batches={len(self)})")

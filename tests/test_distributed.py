@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bigmodel_nb.data import TensorLoader, image_dataloaders
+from bigmodel_nb.data import TensorLoader, TextWindowLoader, image_dataloaders
 from bigmodel_nb.distributed import (DistributedRunError, ShardedLoader, SyncBatchNorm, free_port, init_distributed,
                                      is_main, launch, notebook_launcher, rank, shard_sizes, sync_batchnorm,
                                      train_command, train_main, world_size)
@@ -51,6 +51,21 @@ def test_shards_batch_by_batch_equal_one_process_with_augmentation():
     shards = [list(ShardedLoader(TensorLoader(x, y, 8, shuffle=True, seed=2, transform=flip()), r, 2)) for r in range(2)]
     for (xb, yb), (x0, y0), (x1, y1) in zip(one, *shards):
         assert torch.equal(torch.cat([x0, x1]), xb) and torch.equal(torch.cat([y0, y1]), yb)
+
+
+@pytest.mark.parametrize('n_tokens,stateful,W', [(1003, False, 2), (1003, True, 2), (2000, False, 4), (1000, True, 4)])
+def test_text_windows_shard_like_one_process(n_tokens, stateful, W):
+    make = lambda: TextWindowLoader(torch.arange(n_tokens), seq_len=10, batch_size=8, seed=1, stateful=stateful)
+    for epoch in range(2):
+        one = make(); one.epoch = epoch; one = list(one)
+        loaders = [ShardedLoader(make(), r, W) for r in range(W)]
+        for sl in loaders: sl.epoch = epoch
+        shards = [list(sl) for sl in loaders]
+        assert all(len(s) == len(sl) for s, sl in zip(shards, loaders))
+        for i, parts in enumerate(zip(*shards)):
+            assert torch.equal(torch.cat([x for x, _ in parts]), one[i][0]) and torch.equal(torch.cat([y for _, y in parts]), one[i][1])
+        if stateful:  # each rank's rows continue from batch to batch: its carried state stays its own
+            assert all(torch.equal(s[1][0][:, 0], s[0][0][:, -1] + 1) for s in shards)
 
 
 def test_shard_sizes():
