@@ -6,7 +6,8 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/rnn.html.md"""
 
 # %% auto #0
 __all__ = ['RNNCell', 'LSTMCell', 'GRUCell', 'Recurrent', 'RNN', 'LSTM', 'GRU', 'from_torch', 'RNNFunction',
-           'gradient_through_time', 'CharLMConfig', 'CharLM', 'CarryState', 'evaluate_lm', 'train_lm', 'generate']
+           'gradient_through_time', 'CharLMConfig', 'CharLM', 'CarryState', 'evaluate_lm', 'train_lm', 'generate',
+           'RowConfig', 'RowClassifier', 'fashion_row_dataloaders', 'train_row_classifier', 'lstm_int8_rows', 'lm_run']
 
 # %% ../nbs/04_rnn.ipynb #636daf18
 import json, math, time
@@ -341,9 +342,9 @@ def train_lm(model:nn.Module, # maps (B, T) ids to (B, T, V) logits
     "Train `model` for `seconds`; returns `(model, row, curve)`: row = parameters, seconds, nats and bits per char on the whole validation split, machine"
     torch.manual_seed(seed)
     cbs = [GradientClip(clip)] + ([CarryState()] if getattr(dls.train, 'stateful', False) else [])
-    learn = Learner(model, dls, loss_func=lm_loss, lr=lr, opt_func=lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=wd),
+    learn = Learner(model, (dls.train, None), loss_func=lm_loss, lr=lr, opt_func=lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=wd),
                     metrics=[bits_per_char], cbs=cbs, progress=progress)
-    val = ValidateEvery(seconds=valid_every or seconds / 8)
+    val = ValidateEvery(seconds=valid_every or seconds / 8, dl=dls.valid)  # the only validation: its time is not counted
     t0 = time.perf_counter()
     learn.fit(10_000, lr, sched='cos', cbs=[TimeBudget(seconds), val])
     wall = time.perf_counter() - t0
@@ -387,3 +388,143 @@ def generate(model:nn.Module, # maps (B, T) ids to (B, T, V) logits; with `step(
                 logits = model(ids[:, -context:] if context else ids)
     finally: model.train(was)
     return tokenizer.decode(torch.cat(out, 1)[0])
+
+# %% ../nbs/04_rnn.ipynb #0c90f6e1
+@dataclass
+class RowConfig:
+    "The architecture of a `RowClassifier`"
+    arch:str='lstm' # 'lstm' or 'gru' (or 'rnn')
+    hidden:int=128 # units per direction
+    layers:int=2 # stacked layers
+    bidirectional:bool=False # also read the rows bottom to top
+    n_classes:int=10 # classes
+    width:int=28 # pixels per row (features per step)
+    enc:int=0 # > 0: a row encoder, linear width → enc and GELU, before the recurrent layer; 0: none
+    pool:str='last' # what the head reads: 'mean' of the outputs over the steps, 'meanmax' (mean and max), or 'last' output
+
+class RowClassifier(nn.Module):
+    "Classify images (B, 1, H, W) read as sequences of H rows of W pixels by a recurrent layer; logits (B, classes)"
+    def __init__(self, cfg:RowConfig=None): # the architecture; default `RowConfig()`
+        super().__init__()
+        self.cfg = cfg = cfg or RowConfig()
+        if cfg.arch not in _RNN_LAYERS: raise ValueError(f"RowConfig.arch {cfg.arch!r}: expected one of {list(_RNN_LAYERS)}")
+        if cfg.pool not in ('mean', 'meanmax', 'last'): raise ValueError(f"RowConfig.pool {cfg.pool!r}: expected 'mean', 'meanmax' or 'last'")
+        self.enc = nn.Sequential(nn.Linear(cfg.width, cfg.enc), nn.GELU()) if cfg.enc else nn.Identity()
+        self.rnn = _RNN_LAYERS[cfg.arch](cfg.enc or cfg.width, cfg.hidden, cfg.layers, batch_first=True, bidirectional=cfg.bidirectional)
+        self.head = nn.Linear(cfg.hidden * (2 if cfg.bidirectional else 1) * (2 if cfg.pool == 'meanmax' else 1), cfg.n_classes)
+
+    def forward(self, x): # normalized images (B, 1, H, W) or rows (B, H, W)
+        if x.ndim == 4: x = x.squeeze(1)
+        if x.ndim != 3 or x.shape[-1] != self.cfg.width:
+            raise ValueError(f"RowClassifier: expected images (B, 1, H, {self.cfg.width}) or rows (B, H, {self.cfg.width}), got {tuple(x.shape)}")
+        out, _ = self.rnn(self.enc(x))
+        if self.cfg.pool == 'last': return self.head(out[:, -1])
+        z = out.mean(1)
+        return self.head(torch.cat([z, out.amax(1)], -1) if self.cfg.pool == 'meanmax' else z)
+
+register_architecture(RowClassifier, RowConfig)
+
+# %% ../nbs/04_rnn.ipynb #aa2e05cc
+from .data import load_fashion_mnist, TensorLoader, DataLoaders
+
+def _hflip_half(x:torch.Tensor) -> torch.Tensor: # a batch (B, 1, H, W)
+    "Flip a random half of the batch left to right"
+    f = torch.rand(len(x)) < 0.5
+    x = x.clone(); x[f] = x[f].flip(-1)
+    return x
+
+def fashion_row_dataloaders(batch_size:int=128, # training batch
+                            limit:int=None, # keep the first `limit` training and `limit // 6` test images (quick runs)
+                            flip:bool=True, # flip half of each training batch left to right
+                            seed:int=0): # seed of the shuffle
+    "Fashion-MNIST normalized with the training set's mean and std; `valid` is the 10,000 test images"
+    ds = load_fashion_mnist(verbose=False)
+    xt, yt, xv, yv = ds.x_train, ds.y_train, ds.x_test, ds.y_test
+    if limit: xt, yt, xv, yv = xt[:limit], yt[:limit], xv[:max(limit // 6, 1)], yv[:max(limit // 6, 1)]
+    m, s = ds.x_train.float().mean() / 255, ds.x_train.float().std() / 255
+    norm = lambda x: (x.float() / 255 - m) / s
+    return DataLoaders(TensorLoader(norm(xt), yt, batch_size, shuffle=True, seed=seed, transform=_hflip_half if flip else None, drop_last=True),
+                       TensorLoader(norm(xv), yv, 1000), classes=ds.classes)
+
+# %% ../nbs/04_rnn.ipynb #6c14fcff
+from .learner import accuracy_on
+
+def train_row_classifier(cfg:RowConfig=None, # the architecture; default `RowConfig()`
+                         seconds:float=280, # training time at most (the one-cycle schedule is paced by it)
+                         epochs:int=1000, # epochs at most (the schedule's length when the time is not up first)
+                         lr:float=3e-3, # peak learning rate (AdamW, one cycle)
+                         batch_size:int=128, # training batch
+                         limit:int=None, # train on the first `limit` images (quick runs)
+                         seed:int=0, # seed of the weights and the shuffle
+                         progress:bool=False): # show the learner's progress bar
+    "Train a `RowClassifier` on Fashion-MNIST for `seconds`; returns `(model, row)` with its test accuracy"
+    dls = fashion_row_dataloaders(batch_size, limit, seed=seed)
+    torch.manual_seed(seed); model = RowClassifier(cfg)
+    learn = Learner(model, (dls.train, None), lr=lr, cbs=[GradientClip(1.0)], progress=progress)  # no validation inside the budget
+    t0 = time.perf_counter()
+    learn.fit(epochs, lr, sched='one_cycle', cbs=[TimeBudget(seconds)])
+    train_s = time.perf_counter() - t0
+    c = model.cfg
+    name = f"{'bidirectional ' if c.bidirectional else ''}{c.arch.upper()} {c.layers}×{c.hidden}, rows"
+    return model, {'model': name, 'params': count_parameters(model), 'train_seconds': round(train_s, 1), 'steps': learn.train_iter,
+                   'epochs': round(learn.train_iter / len(dls.train), 2), 'test_acc': accuracy_on(model, dls.valid), 'machine': machine_info()}
+
+# %% ../nbs/04_rnn.ipynb #1d0b8adf
+def lstm_int8_rows(model:nn.Module, # a trained `CharLM` (left untouched)
+                   split, # the `TextSplit` it was trained on
+                   out_dir, # where the two `.pt` files are written
+                   n_valid:int=None, # score the first `n_valid` validation characters; None: all
+                   repeats:int=5, # timed calls per model and batch size and round
+                   threads:int=None): # torch threads while timing; None: as set
+    "fp32 and dynamic-INT8 rows for a char model: size, size ratio, latency at batch 1 and 64 (100 characters), validation nats and the change"
+    from bigmodel_nb.compress import quantize_dynamic_int8, save_torch, file_size, time_rows
+    q = quantize_dynamic_int8(model)
+    ids = split.tokenizer.encode(split.valid)[:n_valid]
+    rows = [{'model': name, 'size': file_size(save_torch(m, Path(out_dir)/f'{name}.pt')), 'valid_nats': evaluate_lm(m, ids)}
+            for name, m in (('fp32', model), ('int8 dynamic', q))]
+    x = ids[:64 * 100].reshape(64, 100) if len(ids) >= 6400 else torch.randint(0, model.cfg.vocab_size, (64, 100))
+    time_rows(rows, [model.eval(), q], x, repeats=repeats, rounds=2, threads=threads)
+    for r in rows: r['ratio'], r['delta_nats'] = r['size'] / rows[0]['size'], r['valid_nats'] - rows[0]['valid_nats']
+    return rows
+
+# %% ../nbs/04_rnn.ipynb #80eec997
+def lm_run(out='runs', # folder that holds the runs; this run gets `out/<timestamp>/`
+           arch:str='lstm', # 'rnn', 'lstm' or 'gru'
+           minutes:float=10., # training time
+           quick:bool=False, # a 64-unit model for 5 seconds instead (tests, smoke runs)
+           seed:int=0, # seed of the weights, the data order and the samples
+           hidden:int=512, # units of the recurrent layer (full runs)
+           log=print) -> Path: # where progress lines go
+    "Train, evaluate, sample and package a character model of Shakespeare; returns the run folder"
+    from bigmodel_nb.cli import new_run_dir
+    from bigmodel_nb.data import shakespeare_split, char_lm_dataloaders
+    from bigmodel_nb.deploy import save_package, token_config
+    if arch not in _RNN_LAYERS: raise ValueError(f"arch {arch!r}: expected one of {list(_RNN_LAYERS)}")
+    if not minutes > 0: raise ValueError(f"minutes must be > 0, got {minutes}")
+    run = new_run_dir(out)
+    split = shakespeare_split(verbose=False); log(f"data: {split}")
+    dls = char_lm_dataloaders(split, seq_len=100, batch_size=32, seed=seed, stateful=True)
+    torch.manual_seed(seed)
+    model = CharLM(CharLMConfig(vocab_size=split.tokenizer.vocab_size, arch=arch, hidden=64 if quick else hidden))
+    seconds = 5. if quick else 60. * minutes
+    log(f"train: {arch.upper()} {model.cfg.hidden}, {count_parameters(model):,} parameters, {seconds:g} s")
+    model, row, curve = train_lm(model, dls, seconds, lr=1e-3 if arch == 'rnn' else 3e-3, valid_every=seconds / 5, seed=seed)
+    log(f"evaluate: {row['valid_nats']:.4f} nats ({row['valid_bpc']:.3f} bits/char) on the whole validation split")
+    samples = {t: generate(model, split.tokenizer, 'ROMEO:', n=300, temperature=t, seed=seed) for t in (0.5, 1.0)}
+    (run/'samples.txt').write_text(''.join(f"--- temperature {t}\n{s}\n\n" for t, s in samples.items()))
+    _plot_curve(curve, run/'curve.png', row['model'])
+    save_package(model, run/'package', torch.randint(0, split.tokenizer.vocab_size, (2, 16)),
+                 token_config(split.tokenizer, name=f"char {arch.upper()} (bigmodel-nb lm)"),
+                 metrics={k: row[k] for k in ('valid_nats', 'valid_bpc', 'train_seconds', 'params')})
+    (run/'metrics.json').write_text(json.dumps({**row, 'arch': arch, 'quick': quick, 'curve': curve}, indent=2))
+    log(f"package: {run/'package'}")
+    return run
+
+# %% ../nbs/04_rnn.ipynb #42c84f63
+def _plot_curve(curve, path, title):
+    "Save validation loss against training seconds as a PNG"
+    from matplotlib.figure import Figure  # no pyplot: nothing global changes, no display needed
+    fig = Figure(figsize=(5, 3)); ax = fig.subplots()
+    ax.plot([r['train_seconds'] for r in curve], [r['loss'] for r in curve], 'o-')
+    ax.set(xlabel='training seconds', ylabel='validation loss (nats)', title=title)
+    fig.tight_layout(); fig.savefig(path, dpi=100)
