@@ -87,9 +87,11 @@ def server(repo, port, opts):
     "The model server with the no-op endpoint, as `serve_command` runs it (request log included)."
     import logging, uvicorn
     from bigmodel_nb.serve import create_app, log
-    h = logging.FileHandler(Path(repo).parent/f'requests-{port}.log'); h.setFormatter(logging.Formatter('%(message)s'))
-    log.addHandler(h); log.setLevel(logging.INFO)  # one JSON line per request, as `serve_command` writes them (to a file here)
-    app = create_app(repo, noop=True, **json.loads(opts))
+    opts = json.loads(opts)
+    if opts.pop('log', True):  # one JSON line per request, as `serve_command` writes them (to a file here)
+        h = logging.FileHandler(Path(repo).parent/f'requests-{port}.log'); h.setFormatter(logging.Formatter('%(message)s'))
+        log.addHandler(h); log.setLevel(logging.INFO)
+    app = create_app(repo, noop=True, **opts)
     uvicorn.run(app, host='127.0.0.1', port=int(port), access_log=False, log_level='warning')
 
 

@@ -147,7 +147,7 @@ def test_fuzz_no_server_error(server):
         op = result.ok()
         if '/load' in op.path or '/unload' in op.path: continue  # would change what the other tests see (tested on their own)
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-            @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), database=None)
             @given(case=op.as_strategy(generation_mode=mode), name=st.sampled_from(['fashion', 'lm', None]), version=st.sampled_from(['1', None]))
             def run(case, name, version):
                 nonlocal calls
@@ -157,7 +157,7 @@ def test_fuzz_no_server_error(server):
                 if r.status_code >= 500: failures.append((case.method, case.formatted_path, r.status_code, r.text[:200]))
             try: run()
             except Unsatisfiable: pass  # e.g. no invalid request exists for an operation without parameters
-    assert calls > 80 and not failures, failures[:5]
+    assert calls > 60 and not failures, failures[:5]
 
 
 def test_batching_fuses_requests(repo, fashion, pred):
