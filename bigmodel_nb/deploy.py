@@ -6,7 +6,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/deployment.html.md"""
 
 # %% ../nbs/08_deployment.ipynb #7ebc9174
 from __future__ import annotations
-import functools, hashlib, json
+import base64, functools, hashlib, json, os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +29,8 @@ __all__ = ['PACKAGE_FORMAT', 'PACKAGE_FILES', 'PACKAGE_KINDS', 'PACKAGE_INT8', '
            'pixel_affine', 'with_pixel_input', 'with_predictions', 'serving_graph', 'Prediction', 'Predictor',
            'compare_latency', 'latency_table', 'plot_latency', 'tokenizer_spec', 'tokenizer_from_spec', 'token_config',
            'export_token_model', 'TokenPredictor', 'PackageError', 'model_card', 'save_package', 'verify_package',
-           'load_package', 'load_package_weights']
+           'load_package', 'load_package_weights', 'generate_key', 'key_id', 'save_key', 'load_private_key',
+           'load_public_key', 'sign_package']
 
 # %% ../nbs/08_deployment.ipynb #2f809928
 from .compress import export_onnx  # defined in the compression chapter, which exports before it quantizes
@@ -126,16 +127,30 @@ def with_pixel_input(model:onnx.ModelProto, # an image model whose first input i
     g.input.remove(old); g.input.insert(0, new)
     return m
 
+# %% ../nbs/08_deployment.ipynb #88c5755e
+def _check_temperature(t):
+    "A calibration temperature is a finite number > 0."
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {t!r}; fit one on held-out data "
+                         "(`interpret.fit_temperature`)")
+
 # %% ../nbs/08_deployment.ipynb #3dce3b8d
 def with_predictions(model:onnx.ModelProto, # a classifier whose first output is logits (N, classes)
                      probs:str='probabilities', # the softmax output's name
                      labels:str='labels', # the argmax output's name
+                     temperature:float|None=None, # calibration: the softmax of logits / T (None or 1: plain softmax)
                     ) -> onnx.ModelProto:
-    "A copy of `model` with two more outputs, computed in the graph: the softmax of its logits and their argmax."
+    "A copy of `model` with two more outputs, computed in the graph: the softmax of its logits (over `temperature`) and their argmax."
     m = onnx.ModelProto(); m.CopyFrom(model)
     logits, g, helper = m.graph.output[0], m.graph, onnx.helper
     batch = logits.type.tensor_type.shape.dim[0]
-    g.node.extend([helper.make_node('Softmax', [logits.name], [probs], axis=-1, name='predictor_softmax'),
+    scaled = logits.name
+    if temperature is not None and temperature != 1:
+        _check_temperature(temperature)
+        g.initializer.append(numpy_helper.from_array(np.array(temperature, np.float32), 'predictor_temperature'))
+        g.node.append(helper.make_node('Div', [logits.name, 'predictor_temperature'], ['logits_calibrated'], name='predictor_calibrate'))
+        scaled = 'logits_calibrated'
+    g.node.extend([helper.make_node('Softmax', [scaled], [probs], axis=-1, name='predictor_softmax'),
                    helper.make_node('ArgMax', [logits.name], [labels], axis=-1, keepdims=0, name='predictor_argmax')])
     prob_info = onnx.ValueInfoProto(); prob_info.CopyFrom(logits); prob_info.name = probs
     label_info = helper.make_tensor_value_info(labels, onnx.TensorProto.INT64, [None])
@@ -146,9 +161,10 @@ def with_predictions(model:onnx.ModelProto, # a classifier whose first output is
 # %% ../nbs/08_deployment.ipynb #4f725cbc
 def serving_graph(model:onnx.ModelProto, # an exported classifier: normalized float input, logits output
                   preprocessing:dict, # pixel_scale, mean and std, as `image_config` writes them
+                  temperature:float|None=None, # calibration temperature of the probabilities (see `with_predictions`)
                  ) -> onnx.ModelProto:
     "The graph a `Predictor` serves: raw uint8 `pixels` in; `logits`, `probabilities` and `labels` out."
-    return with_pixel_input(with_predictions(model), preprocessing)
+    return with_pixel_input(with_predictions(model, temperature=temperature), preprocessing)
 
 # %% ../nbs/08_deployment.ipynb #79ecfa72
 class Prediction(NamedTuple):
@@ -174,7 +190,8 @@ class Predictor:
         self.folder, self.manifest, self.card = (Path(folder) if folder is not None else None), manifest, card
         self._scale, self._shift = pixel_affine(pre)  # checks mean and std against the channels
         self._float_scale = self._scale * np.float32(pre.get('pixel_scale', 255.0))  # for float pixels in 0..1
-        self.session = ort_session(serving_graph(proto, pre).SerializeToString(), threads, providers, spin=spin)
+        self.temperature = (config.get('calibration') or {}).get('temperature')  # probabilities: softmax(logits / T)
+        self.session = ort_session(serving_graph(proto, pre, self.temperature).SerializeToString(), threads, providers, spin=spin)
         self._proto, self._threads, self._providers = proto, threads, providers  # for `float_session`, if ever needed
         self.pixels_name, self.in_name = self.session.get_inputs()[0].name, proto.graph.input[0].name
         self.out_name, self.prob_name, self.label_name = proto.graph.output[0].name, 'probabilities', 'labels'
@@ -183,7 +200,7 @@ class Predictor:
     @functools.cached_property
     def float_session(self) -> ort.InferenceSession:
         "The graph without `with_pixel_input`, for float input; built on first use, its threads not spinning."
-        return ort_session(with_predictions(self._proto).SerializeToString(), self._threads, self._providers, spin=False)
+        return ort_session(with_predictions(self._proto, temperature=self.temperature).SerializeToString(), self._threads, self._providers, spin=False)
 
     def __repr__(self):
         return (f"Predictor(input {self.pixels_name!r} uint8 (N, {', '.join(map(str, self.shape))}), {len(self.labels)} labels, "
@@ -479,6 +496,7 @@ def model_card(config:dict, # the package config: kind, name, architecture, inpu
     rows = dict(metrics or {})
     if 'parity' in config: rows.update({'ONNX vs torch, max abs difference': config['parity']['max_abs_diff'],
                                         'ONNX vs torch, argmax agreement': config['parity']['argmax_agreement']})
+    if 'calibration' in config: rows[f"calibration: {config['calibration']['method']}, T"] = config['calibration']['temperature']
     if 'int8' in config: rows.update({f"INT8 ({config['int8']['file']}) vs torch, argmax agreement on {config['int8']['checked_on']} images":
                                       config['int8']['argmax_agreement']})
     lines += [markdown_table([{'metric': k, 'value': fmt(v)} for k, v in rows.items()])] if rows else [_NOT_STATED]
@@ -515,6 +533,8 @@ def save_package(model:nn.Module, # the trained torch model, of a registered arc
                  atol:float=1e-4, # parity tolerance: an export that differs more is refused
                  calib=None, # image classifiers: normalized training batches (a loader of `(x, y)` or a list of tensors), to ship `model.int8.onnx`
                  n_calib:int=10, # calibration batches for the INT8 model
+                 temperature:float|None=None, # image classifiers: the predictor's probabilities become softmax(logits / T)
+                 sign_with=None, # an Ed25519 private key (`generate_key`, `load_private_key`): sign the manifest
                 ) -> Path:
     "Write a model package of the config's kind: the ONNX model, weights, config, model card, the kind's files and a SHA-256 manifest."
     folder, kind = Path(folder), config.get('kind')
@@ -522,6 +542,10 @@ def save_package(model:nn.Module, # the trained torch model, of a registered arc
         raise ValueError(f"config kind {kind!r}: expected one of {list(PACKAGE_KINDS)}; make the config with image_config or token_config")
     if folder.exists() and not overwrite: raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
     if calib is not None and kind != 'image_classifier': raise ValueError(f"calib: INT8 packages are made for image classifiers, not {kind}")
+    if temperature is not None:
+        if kind != 'image_classifier': raise ValueError(f"temperature: calibrated probabilities are for image classifiers, not {kind}")
+        _check_temperature(temperature)
+    if sign_with is not None: _check_private_key(sign_with)
     arch, names = architecture_of(model), (*PACKAGE_FILES, *PACKAGE_KINDS[kind])  # an unregistered model fails here, before any work
     in_name, out_name = config.get('input_name', 'input'), config.get('output_name', 'logits')
     with atomic_write(folder) as part:
@@ -532,6 +556,7 @@ def save_package(model:nn.Module, # the trained torch model, of a registered arc
         parity = parity_check(model, onnx_path, example, atol=atol)
         if not parity['passed']: raise ValueError(f"the ONNX export does not match torch ({parity}); not packaging it")
         cfg = {**config, 'format': PACKAGE_FORMAT, 'architecture': arch, 'onnx': onnx_signature(onnx_path), 'parity': parity,
+               **({'calibration': {'method': 'temperature scaling', 'temperature': float(temperature)}} if temperature is not None else {}),
                'metrics': dict(metrics or {}), 'versions': {'torch': torch.__version__, 'onnx': onnx.__version__, 'onnxruntime': ort.__version__}}
         if calib is not None:
             cfg['int8'] = _package_int8(model, onnx_path, part/PACKAGE_INT8, example, calib, n_calib, in_name); names += (PACKAGE_INT8,)
@@ -542,16 +567,25 @@ def save_package(model:nn.Module, # the trained torch model, of a registered arc
         (part/'weights.safetensors').write_bytes(st_save(sd, metadata={'format': str(PACKAGE_FORMAT)}))
         (part/'config.json').write_bytes(json.dumps(cfg, indent=2, ensure_ascii=False).encode())
         (part/'manifest.json').write_bytes(json.dumps(_manifest_of(part, kind, names), indent=2).encode())
+        if sign_with is not None: _write_signature(part, sign_with)
     return folder
 
-# %% ../nbs/08_deployment.ipynb #bcfa8ec0
-def _checked_manifest(folder:Path) -> dict:
-    "A package's manifest, its format, kind and file entries checked (the files themselves not yet read)."
+# %% ../nbs/08_deployment.ipynb #fd0137b0
+SIGNATURE_FILE = 'signature.json'  # beside the manifest: an Ed25519 signature of manifest.json's bytes (see "Signed packages")
+
+def _manifest_bytes(folder:Path) -> bytes:
+    "The bytes of a package's manifest.json, read once."
     if not folder.is_dir(): raise PackageError(f"{folder}: no package folder there; create one with `save_package`")
     if not (folder/'manifest.json').is_file():
         raise PackageError(f"{folder}: manifest.json is missing, so no file can be trusted; {_REMEDY}")
+    return (folder/'manifest.json').read_bytes()
+
+# %% ../nbs/08_deployment.ipynb #bcfa8ec0
+def _checked_manifest(folder:Path, raw:bytes|None=None) -> dict:
+    "A package's manifest (from `raw`, its bytes, if given), its format, kind and file entries checked (the files themselves not yet read)."
+    if raw is None: raw = _manifest_bytes(folder)
     try:
-        man = json.loads((folder/'manifest.json').read_bytes())
+        man = json.loads(raw)
         fmt = man.get('format') if isinstance(man, dict) else None
         if type(fmt) is int and fmt > PACKAGE_FORMAT:
             raise PackageError(f"{folder}: written by a newer bigmodel_nb (format {fmt}; this version reads format {PACKAGE_FORMAT}); "
@@ -570,15 +604,17 @@ def _checked_manifest(folder:Path) -> dict:
         raise PackageError(f"{folder}: manifest.json is malformed ({e}); {_REMEDY}") from e
     unlisted = [n for n in (*PACKAGE_FILES, *PACKAGE_KINDS[man['kind']]) if n not in man['files']]
     if unlisted: raise PackageError(f"{folder}: manifest.json does not list {unlisted}; {_REMEDY}")
-    extra = sorted(p.name for p in folder.iterdir() if p.name != 'manifest.json' and p.name not in man['files'])
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in ('manifest.json', SIGNATURE_FILE) and p.name not in man['files'])
     if extra: raise PackageError(f"{folder}: files not in the manifest: {extra}; remove them, or {_REMEDY}")
     return man
 
 # %% ../nbs/08_deployment.ipynb #592232f0
-def _read_verified(folder) -> tuple:
-    "The bytes of every file of a package, each checked against the manifest, and the manifest."
+def _read_verified(folder, trusted_keys=None) -> tuple:
+    "The bytes of every file of a package, each checked against the manifest (signed by a trusted key, if `trusted_keys`), and the manifest."
     folder = Path(folder)
-    man, out = _checked_manifest(folder), {}
+    raw = _manifest_bytes(folder)
+    if trusted_keys is not None: _check_signature(folder, raw, trusted_keys)
+    man, out = _checked_manifest(folder, raw), {}
     for name, e in man['files'].items():
         if not (folder/name).is_file(): raise PackageError(f"{folder}: {name} is missing (the manifest lists it); {_REMEDY}")
         b = (folder/name).read_bytes()
@@ -589,9 +625,11 @@ def _read_verified(folder) -> tuple:
     return out, man
 
 # %% ../nbs/08_deployment.ipynb #9d8f6585
-def verify_package(folder) -> dict: # a folder written by `save_package`
-    "Check every file of a package against its manifest: the manifest, or `PackageError`."
-    return _read_verified(folder)[1]
+def verify_package(folder, # a folder written by `save_package`
+                   trusted_keys=None, # Ed25519 public keys (or .pub files): also require a valid signature by one of them
+                  ) -> dict:
+    "Check every file of a package against its manifest (and the manifest's signature): the manifest, or `PackageError`."
+    return _read_verified(folder, trusted_keys)[1]
 
 # %% ../nbs/08_deployment.ipynb #5347262d
 def _package_config(folder, files:dict, man:dict) -> dict:
@@ -609,9 +647,10 @@ def load_package(folder, # a folder written by `save_package`
                  providers=None, # ONNX Runtime providers (see `ort_providers`)
                  int8:bool=False, # an image classifier: serve `model.int8.onnx` (packaged with `save_package(..., calib=...)`)
                  spin:bool=True, # idle intra-op threads busy-wait between runs (see `Predictor`)
+                 trusted_keys=None, # Ed25519 public keys (or .pub files): refuse a package not signed by one of them
                 ) -> Predictor|TokenPredictor:
     "Verify every checksum of a package, then return the predictor of its kind, built from exactly the bytes that were checked."
-    files, man = _read_verified(folder)
+    files, man = _read_verified(folder, trusted_keys)
     config = _package_config(folder, files, man)
     if int8 and PACKAGE_INT8 not in files:
         raise PackageError(f"{folder}: no {PACKAGE_INT8} in this package; load it with int8=False, or re-create it with "
@@ -623,9 +662,120 @@ def load_package(folder, # a folder written by `save_package`
 # %% ../nbs/08_deployment.ipynb #0484867f
 def load_package_weights(folder, # a folder written by `save_package`
                          model:nn.Module|None=None, # a model of the package's architecture; None: rebuilt with `build_architecture`
+                         trusted_keys=None, # Ed25519 public keys (or .pub files): refuse a package not signed by one of them
                         ) -> nn.Module:
     "Verify a package, then load its torch weights into `model` (strictly) and return it, in eval mode."
-    files, man = _read_verified(folder)
+    files, man = _read_verified(folder, trusted_keys)
     if model is None: model = build_architecture(_package_config(folder, files, man)['architecture'])
     model.load_state_dict(st_load(files['weights.safetensors']))
     return model.eval()
+
+# %% ../nbs/08_deployment.ipynb #0630a662
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+
+# %% ../nbs/08_deployment.ipynb #8d2c4538
+def generate_key() -> Ed25519PrivateKey:
+    "A new Ed25519 private key (its `public_key()` is what users of the package trust)."
+    return Ed25519PrivateKey.generate()
+
+def key_id(key, # an Ed25519 private or public key
+          ) -> str:
+    "A short name for a key pair: the first 16 hex digits of the SHA-256 of the raw public key."
+    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    if not isinstance(pub, Ed25519PublicKey): raise ValueError(f"expected an Ed25519 key, got {type(key).__name__}")
+    return hashlib.sha256(pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).hexdigest()[:16]
+
+# %% ../nbs/08_deployment.ipynb #468e3665
+def save_key(key:Ed25519PrivateKey, # from `generate_key`
+             path, # the private key's file (PEM, PKCS#8, unencrypted, mode 0600); the public key goes to `path` + '.pub'
+             overwrite:bool=False) -> tuple: # replace existing files
+    "Write a key pair as PEM files: `(private_path, public_path)`."
+    _check_private_key(key)
+    path = Path(path); pub = path.with_name(path.name + '.pub')
+    for p in (path, pub):
+        if p.exists() and not overwrite: raise FileExistsError(f"{p} exists; pass overwrite=True (or --force) to replace it")
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    with atomic_write(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, 'wb') as f: f.write(pem)
+    with atomic_write(pub) as tmp:
+        tmp.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path, pub
+
+# %% ../nbs/08_deployment.ipynb #48de5510
+def _load_pem(path, private:bool):
+    path, what = Path(path), 'private' if private else 'public'
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such key file; make a key pair with `save_key(generate_key(), path)` (bigmodel-nb keygen)")
+    try:
+        data = path.read_bytes()
+        key = (serialization.load_pem_private_key(data, password=None) if private else serialization.load_pem_public_key(data))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a PEM {what} key ({e}); expected the {'file' if private else '.pub file'} "
+                         "that `save_key` (bigmodel-nb keygen) writes") from None
+    want = Ed25519PrivateKey if private else Ed25519PublicKey
+    if not isinstance(key, want): raise ValueError(f"{path}: a {type(key).__name__}, expected an Ed25519 {what} key (bigmodel-nb keygen)")
+    return key
+
+def load_private_key(path) -> Ed25519PrivateKey: # a PEM file written by `save_key`
+    "Read an Ed25519 private key; a `ValueError` that says what the file is when it is not one."
+    return _load_pem(path, True)
+
+def load_public_key(path) -> Ed25519PublicKey: # a `.pub` PEM file written by `save_key`
+    "Read an Ed25519 public key; a `ValueError` that says what the file is when it is not one."
+    return _load_pem(path, False)
+
+# %% ../nbs/08_deployment.ipynb #2dce7095
+def _check_private_key(k):
+    if not isinstance(k, Ed25519PrivateKey):
+        raise ValueError(f"sign_with: expected an Ed25519 private key (generate_key, load_private_key), got {type(k).__name__}")
+
+def _trusted(trusted_keys) -> dict:
+    "key id -> public key, from public keys, private keys or .pub files (one, or a list)."
+    keys = trusted_keys if isinstance(trusted_keys, (list, tuple, set)) else [trusted_keys]
+    out = {}
+    for k in keys:
+        k = load_public_key(k) if isinstance(k, (str, os.PathLike)) else k.public_key() if isinstance(k, Ed25519PrivateKey) else k
+        if not isinstance(k, Ed25519PublicKey): raise ValueError(f"trusted_keys: expected Ed25519 public keys or .pub files, got {type(k).__name__}")
+        out[key_id(k)] = k
+    if not out: raise ValueError("trusted_keys is empty: give at least one public key, or None to skip the signature check")
+    return out
+
+def _write_signature(folder:Path, key:Ed25519PrivateKey):
+    "Sign `folder`'s manifest.json bytes and write signature.json beside it."
+    sig = key.sign((folder/'manifest.json').read_bytes())
+    doc = {'algorithm': 'Ed25519', 'key_id': key_id(key), 'signed': 'manifest.json', 'signature': base64.b64encode(sig).decode()}
+    with atomic_write(folder/SIGNATURE_FILE) as tmp: tmp.write_text(json.dumps(doc, indent=2))
+
+# %% ../nbs/08_deployment.ipynb #6f2d3c4c
+def _check_signature(folder:Path, manifest:bytes, trusted_keys):
+    "Refuse (PackageError) unless `manifest` carries a valid signature by one of `trusted_keys`."
+    keys = _trusted(trusted_keys)
+    if not (folder/SIGNATURE_FILE).is_file():
+        raise PackageError(f"{folder}: unsigned package (no {SIGNATURE_FILE}), and trusted keys were given; sign it with "
+                           "`sign_package` (bigmodel-nb sign), or load it without trusted_keys if you accept unsigned packages")
+    try:
+        doc = json.loads((folder/SIGNATURE_FILE).read_bytes())
+        if doc.get('algorithm') != 'Ed25519' or doc.get('signed') != 'manifest.json': raise ValueError(f"algorithm {doc.get('algorithm')!r}, signed {doc.get('signed')!r}")
+        kid, sig = str(doc['key_id']), base64.b64decode(doc['signature'], validate=True)
+        if len(sig) != 64: raise ValueError(f"a signature of {len(sig)} bytes, Ed25519 signatures have 64")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PackageError(f"{folder}: {SIGNATURE_FILE} is malformed ({e}); sign the package again (bigmodel-nb sign)") from None
+    if kid not in keys:
+        raise PackageError(f"{folder}: signed by an unknown key {kid} (trusted: {', '.join(keys)}); "
+                           "add its public key to the trusted keys only if you trust whoever holds it")
+    try: keys[kid].verify(sig, manifest)
+    except InvalidSignature:
+        raise PackageError(f"{folder}: bad signature: the signature by key {kid} does not match manifest.json, which was "
+                           f"changed after signing (or the signature forged); {_REMEDY}") from None
+
+# %% ../nbs/08_deployment.ipynb #87070856
+def sign_package(folder, # a package folder written by `save_package`
+                 key:Ed25519PrivateKey, # the packager's private key
+                ) -> str:
+    "Verify every checksum of a package, then sign its manifest (signature.json): returns the key id."
+    _check_private_key(key)
+    verify_package(folder)
+    _write_signature(Path(folder), key)
+    return key_id(key)

@@ -15,8 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['EPSILONS', 'PixelModel', 'pgd', 'fgsm', 'to_uint8', 'attack_accuracy', 'robustness_rows', 'AdversarialTraining',
-           'RobustRecipe', 'train_robust_cnn', 'robust_cnn_path', 'get_robust_cnn']
+__all__ = ['EPSILONS', 'PixelModel', 'grad_cam', 'explain', 'plot_explanation', 'explain_command', 'reliability', 'ece',
+           'calibration_metrics', 'calibration_split', 'temperature_scale', 'fit_temperature', 'fit_top_label',
+           'top_label_scale', 'ece_floor', 'plot_reliability', 'gradient_map', 'smoothgrad', 'integrated_gradients',
+           'attribution_maps', 'rank_correlation', 'randomized_copy', 'deletion_curve', 'pgd', 'fgsm', 'to_uint8',
+           'attack_accuracy', 'robustness_rows', 'AdversarialTraining', 'RobustRecipe', 'train_robust_cnn',
+           'robust_cnn_path', 'get_robust_cnn', 'fuzz_predictor', 'step_calibrate', 'step_attack']
 
 # %% ../nbs/10_inference.ipynb #c24275dd
 from .concepts import machine_info, markdown_table, torch_threads, atomic_write
@@ -35,7 +39,7 @@ class PixelModel(nn.Module):
     def normalize(self, x): return (x - self.mean) / self.std
     def pixels(self, z): return (z * self.std + self.mean).clamp(0, 1)
 
-# %% ../nbs/10_inference.ipynb #21cb261d
+# %% ../nbs/10_inference.ipynb #e17b131a
 def _check_eps(eps):
     if not (isinstance(eps, (int, float)) and 0 <= eps <= 1):
         raise ValueError(f"eps must be a number in [0, 1] (an L∞ radius in pixel units), got {eps!r}")
@@ -52,7 +56,319 @@ def _check_pixels(x):
         raise ValueError(f"images must lie in [0, 1], got values {lo:.4g}..{hi:.4g}; divide uint8 images by 255, "
                          "or undo the normalization with `PixelModel.pixels`")
 
-# %% ../nbs/10_inference.ipynb #c61b5408
+# %% ../nbs/10_inference.ipynb #18981c2c
+def grad_cam(model:nn.Module, # a classifier (e.g. a `PixelModel`), in eval mode
+             x:torch.Tensor, # images (N, C, H, W)
+             layer:nn.Module, # a convolution stage of `model` whose output is (N, K, h, w)
+             target=None) -> torch.Tensor: # class per image (N,); default: the predicted class
+    "Grad-CAM maps (N, H, W): ReLU of the stage's channels weighted by their mean gradient, upsampled bilinearly to the image"
+    acts = {}
+    hook = layer.register_forward_hook(lambda m, i, o: acts.__setitem__('a', o))
+    try: out = model(x)
+    finally: hook.remove()
+    a = acts['a']
+    target = out.argmax(-1) if target is None else torch.as_tensor(target)
+    g, = torch.autograd.grad(out.gather(1, target[:, None]).sum(), a)
+    cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
+    return F.interpolate(cam, size=x.shape[-2:], mode='bilinear', align_corners=False)[:, 0].detach()
+
+# %% ../nbs/10_inference.ipynb #b78f97fa
+def _cam_layer(model:nn.Module, x:torch.Tensor):
+    "The last top-level child of `model` whose output is a 4-D map at least 7×7: a default Grad-CAM stage"
+    seen, hooks = [], [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, m, o.shape)))
+                       for n, m in model.named_children()]
+    try:
+        with torch.no_grad(): model(x)
+    finally:
+        for h in hooks: h.remove()
+    ok = [(n, m) for n, m, s in seen if len(s) == 4 and min(s[-2:]) >= 7]
+    if not ok: raise ValueError("no convolution stage with a map of at least 7×7: pass the Grad-CAM `layer` yourself")
+    return ok[-1]
+
+# %% ../nbs/10_inference.ipynb #0c1d1ae4
+def _one_image(pixels, shape) -> np.ndarray:
+    "One image as uint8 (1, C, H, W) from (H, W), (C, H, W) or (1, C, H, W), uint8 or floats in 0..1"
+    x = pixels.detach().cpu().numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels)
+    C, H, W = shape
+    if x.ndim == 2 and C == 1: x = x[None]
+    if x.ndim == 3: x = x[None]
+    if x.shape != (1, C, H, W):
+        raise ValueError(f"explain takes one image shaped ({H}, {W}), ({C}, {H}, {W}) or (1, {C}, {H}, {W}); got {tuple(x.shape)}")
+    if x.dtype != np.uint8:
+        if x.dtype.kind != 'f' or not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+            raise ValueError(f"explain takes uint8 pixels or floats in 0..1; got {x.dtype} values {x.min()}..{x.max()}")
+        x = np.rint(x * 255).astype(np.uint8)
+    return x
+
+# %% ../nbs/10_inference.ipynb #bf3a88a3
+def explain(package, # a package folder (verified before use) of an image classifier
+            pixels, # one image: uint8 0..255 or float 0..1, shaped (H, W), (C, H, W) or (1, C, H, W)
+            k:int=3, # how many labels to return
+            layer:str=None, # name of the model's child module for Grad-CAM; default: its last stage with a map ≥ 7×7
+            trusted_keys=None) -> dict: # Ed25519 public keys: also require the package's signature
+    "Top-k labels and probabilities from the packaged predictor; a Grad-CAM map from the same package's verified torch weights"
+    from bigmodel_nb.deploy import load_package, load_package_weights
+    pred = load_package(package, trusted_keys=trusted_keys)
+    pre = pred.config['preprocessing']
+    pm = PixelModel(load_package_weights(package, trusted_keys=trusted_keys), pre['mean'], pre['std']).eval()
+    x8 = _one_image(pixels, pred.shape)
+    p = pred(x8)
+    if not (isinstance(k, int) and 1 <= k <= len(pred.labels)): raise ValueError(f"k must be an integer in 1..{len(pred.labels)}, got {k!r}")
+    top = np.argsort(-p.probs[0], kind='stable')[:k]
+    x = torch.from_numpy(x8).float() / 255
+    name, mod = _cam_layer(pm.model, pm.normalize(x)) if layer is None else (layer, dict(pm.model.named_children())[layer])
+    cam = grad_cam(pm, x, mod, torch.tensor([int(p.labels[0])]))[0].numpy()
+    return dict(labels=[pred.labels[i] for i in top], label_ids=top.tolist(), probs=[float(p.probs[0, i]) for i in top],
+                cam=cam, layer=name, image=x8[0], temperature=pred.temperature)
+
+# %% ../nbs/10_inference.ipynb #ec51e127
+def plot_explanation(ex:dict, # from `explain`
+                     path=None): # a PNG file to write; None: only return the figure
+    "The image, its Grad-CAM map over it, and the top-k probabilities, side by side"
+    import matplotlib.pyplot as plt
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(9, 3), gridspec_kw={'width_ratios': [1, 1, 1.4]})
+    img = ex['image'][0] if ex['image'].shape[0] == 1 else ex['image'].transpose(1, 2, 0)
+    a.imshow(img, cmap='gray'); a.set_title('image'); a.axis('off')
+    b.imshow(img, cmap='gray'); b.imshow(ex['cam'], cmap='jet', alpha=0.5); b.set_title(f"Grad-CAM ({ex['layer']})"); b.axis('off')
+    c.barh(ex['labels'][::-1], ex['probs'][::-1]); c.set_xlim(0, 1); c.set_title('top-k probabilities')
+    fig.tight_layout()
+    if path is not None: fig.savefig(path, dpi=80); plt.close(fig)
+    return fig
+
+# %% ../nbs/10_inference.ipynb #4d4d0546
+def explain_command(package, # a package folder
+                    image, # a PNG (any image Pillow reads) or a .npy array of one image
+                    k:int=3, # labels to print
+                    out=None, # the Grad-CAM picture to write (PNG); default: IMAGE's name + '.gradcam.png'
+                    trusted_keys=None) -> dict: # Ed25519 public keys (or .pub files) the package must be signed by
+    "What `bigmodel-nb explain PACKAGE IMAGE` does: print the top-k labels, write the Grad-CAM picture; the `explain` result"
+    from bigmodel_nb.cli import read_images
+    from bigmodel_nb.deploy import load_package
+    x, batch = read_images(image, load_package(package, trusted_keys=trusted_keys).shape)
+    if batch and len(x) != 1: raise ValueError(f"{image}: holds {len(x)} images; explain takes one")
+    ex = explain(package, x[:1], k, trusted_keys=trusted_keys)
+    out = Path(out) if out is not None else Path(image).with_suffix('.gradcam.png')
+    plot_explanation(ex, out)
+    print(markdown_table([dict(label=l, probability=p) for l, p in zip(ex['labels'], ex['probs'])], fmt={'probability': '.1%'}))
+    print(f"Grad-CAM ({ex['layer']}): {out}")
+    ex['out'] = str(out)
+    return ex
+
+# %% ../nbs/10_inference.ipynb #ac794215
+def _check_probs(probs, y):
+    probs, y = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(y)
+    if probs.dim() != 2 or y.shape != probs.shape[:1]:
+        raise ValueError(f"expected probabilities (N, classes) and labels (N,), got {tuple(probs.shape)} and {tuple(y.shape)}")
+    return probs, y
+
+# %% ../nbs/10_inference.ipynb #cf477d55
+def reliability(probs, # predicted probabilities (N, classes)
+                y, # true labels (N,)
+                bins:int=15) -> list: # equal-width confidence bins over [0, 1]
+    "One row per non-empty bin (lo, hi]: its images, mean confidence and accuracy"
+    probs, y = _check_probs(probs, y)
+    conf, pred = probs.max(-1)
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    b = torch.bucketize(conf, edges[1:-1])  # bin b holds edges[b] < conf <= edges[b+1]
+    return [dict(lo=float(edges[i]), hi=float(edges[i + 1]), n=int(s.sum()), conf=float(conf[s].mean()),
+                 acc=float((pred[s] == y[s]).double().mean())) for i in range(bins) if (s := b == i).any()]
+
+def ece(probs, # predicted probabilities (N, classes)
+        y, # true labels (N,)
+        bins:int=15) -> float: # equal-width confidence bins
+    "Expected calibration error: the bins' |accuracy − confidence|, weighted by their share of the images"
+    rows, n = reliability(probs, y, bins), len(y)
+    return sum(r['n'] / n * abs(r['acc'] - r['conf']) for r in rows)
+
+# %% ../nbs/10_inference.ipynb #77a5df05
+def calibration_metrics(probs, # predicted probabilities (N, classes)
+                        y, # true labels (N,)
+                        bins:int=15) -> dict: # bins of the ECE
+    "Accuracy, ECE, negative log-likelihood and Brier score of a batch of predictions"
+    probs, y = _check_probs(probs, y)
+    return dict(acc=float((probs.argmax(-1) == y).double().mean()), ece=ece(probs, y, bins),
+                nll=float(-probs.gather(1, y[:, None]).clamp(min=1e-12).log().mean()),
+                brier=float(((probs - F.one_hot(y, probs.shape[1]).double()) ** 2).sum(-1).mean()))
+
+# %% ../nbs/10_inference.ipynb #28327c20
+def calibration_split(y, # labels of the held-out images
+                      seed:int=0) -> tuple: # seed of the split
+    "Stratified halves `(fit, eval)` of the indices of `y`: fit a calibration on one, report on the other"
+    from bigmodel_nb.data import stratified_split
+    fit, ev = stratified_split(torch.as_tensor(y), (0.5, 0.5), seed)
+    return fit, ev
+
+def temperature_scale(logits, # logits (N, classes)
+                      temperature:float) -> torch.Tensor: # T > 0
+    "Calibrated probabilities `softmax(logits / T)`"
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}; fit one with `fit_temperature`")
+    return (torch.as_tensor(logits, dtype=torch.float64) / temperature).softmax(-1)
+
+# %% ../nbs/10_inference.ipynb #870ab910
+def fit_temperature(logits, # held-out logits (N, classes)
+                    y) -> float: # their labels (N,)
+    "The temperature that minimizes the NLL of `softmax(logits / T)` (L-BFGS on log T)"
+    logits, y = _check_probs(logits, y)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn='strong_wolfe')
+    def closure():
+        opt.zero_grad(); loss = F.cross_entropy(logits / log_t.exp(), y); loss.backward(); return loss
+    opt.step(closure)
+    return float(log_t.detach().exp())
+
+# %% ../nbs/10_inference.ipynb #5f6c5a75
+def fit_top_label(probs, # held-out probabilities (N, classes), e.g. temperature-scaled
+                  y) -> tuple: # their labels
+    "Platt scaling of the top-label confidence: `(a, b)` minimizing the NLL of σ(a·logit(conf) + b) for 'top label is right'"
+    probs, y = _check_probs(probs, y)
+    conf, pred = probs.max(-1)
+    z, right = torch.logit(conf.clamp(1e-9, 1 - 1e-9)), (pred == y).double()
+    w = torch.tensor([1., 0.], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=200, line_search_fn='strong_wolfe')
+    def closure():
+        opt.zero_grad(); loss = F.binary_cross_entropy_with_logits(w[0] * z + w[1], right); loss.backward(); return loss
+    opt.step(closure)
+    return float(w[0].detach()), float(w[1].detach())
+
+# %% ../nbs/10_inference.ipynb #6ea61b5b
+def top_label_scale(logits, # logits (N, classes)
+                    a:float, b:float, # from `fit_top_label`
+                    temperature:float=1., # applied first (the map was fitted on these probabilities)
+                    iters:int=60) -> torch.Tensor: # bisection steps on log T
+    "Probabilities whose top confidence is σ(a·logit(conf) + b), reached by a per-image temperature (labels unchanged)"
+    z = torch.as_tensor(logits, dtype=torch.float64) / temperature
+    conf = z.softmax(-1).max(-1).values
+    k = z.shape[-1]
+    target = torch.sigmoid(a * torch.logit(conf.clamp(1e-9, 1 - 1e-9)) + b).clamp(1 / k + 1e-6, 1 - 1e-9)
+    lo, hi = torch.full_like(conf, -8.), torch.full_like(conf, 8.)  # log T in [-8, 8]
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        too_sharp = (z / mid.exp()[:, None]).softmax(-1).max(-1).values > target
+        lo, hi = torch.where(too_sharp, mid, lo), torch.where(too_sharp, hi, mid)
+    return (z / ((lo + hi) / 2).exp()[:, None]).softmax(-1)
+
+# %% ../nbs/10_inference.ipynb #c013fe59
+def ece_floor(probs, # probabilities (N, classes) taken as the truth
+              draws:int=20, # label draws
+              seed:int=0) -> float: # seed of the draws
+    "Mean ECE of a perfectly calibrated model on N images: labels drawn from `probs` themselves"
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    return sum(ece(probs, torch.multinomial(probs, 1, generator=g)[:, 0]) for _ in range(draws)) / draws
+
+# %% ../nbs/10_inference.ipynb #bca3424d
+def plot_reliability(curves:dict, # name -> (probabilities (N, classes), labels (N,))
+                     bins:int=15, # equal-width confidence bins
+                     ax=None): # a matplotlib axis; None makes a figure
+    "Reliability diagrams: each bin's accuracy against its mean confidence, one line per set of probabilities, with the ECE"
+    import matplotlib.pyplot as plt
+    if ax is None: _, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], 'k--', lw=1, label='perfect calibration')
+    for name, (p, y) in curves.items():
+        rows = reliability(p, y, bins)
+        ax.plot([r['conf'] for r in rows], [r['acc'] for r in rows], 'o-', ms=3, label=f"{name} (ECE {ece(p, y, bins):.2%})")
+    ax.set_xlabel('confidence'); ax.set_ylabel('accuracy'); ax.legend(fontsize=7); ax.set_title('Reliability diagram')
+    return ax
+
+# %% ../nbs/10_inference.ipynb #998e2157
+def _target_grad(model, x, target):
+    "Gradient of each image's `target` score with respect to the image"
+    x = x.detach().requires_grad_(True)
+    g, = torch.autograd.grad(model(x).gather(1, target[:, None]).sum(), x)
+    return g
+
+# %% ../nbs/10_inference.ipynb #cb1c4c8a
+def gradient_map(model:nn.Module, # a classifier of pixels (eval mode)
+                 x:torch.Tensor, # images (N, C, H, W)
+                 target:torch.Tensor) -> torch.Tensor: # class per image (N,)
+    "Saliency: |∂ score / ∂ pixel|, (N, C, H, W)"
+    return _target_grad(model, x, target).abs()
+
+def smoothgrad(model:nn.Module, # a classifier of pixels (eval mode)
+               x:torch.Tensor, # images (N, C, H, W)
+               target:torch.Tensor, # class per image (N,)
+               n:int=25, # noisy copies
+               sigma:float=0.15, # noise standard deviation (pixel units)
+               seed:int=0) -> torch.Tensor: # seed of the noise
+    "SmoothGrad: |mean gradient over `n` copies of `x` plus Gaussian noise|, (N, C, H, W)"
+    _check_steps(n)
+    g = torch.Generator().manual_seed(seed)
+    return sum(_target_grad(model, x + sigma * torch.randn(x.shape, generator=g), target) for _ in range(n)).div(n).abs()
+
+# %% ../nbs/10_inference.ipynb #5287292b
+def integrated_gradients(model:nn.Module, # a classifier of pixels (eval mode)
+                         x:torch.Tensor, # images (N, C, H, W)
+                         target:torch.Tensor, # class per image (N,)
+                         baseline:float=0., # the reference image's value (0: black, the background)
+                         steps:int=64, # points of the trapezoid rule on [0, 1]
+                         batch:int=2048) -> torch.Tensor: # images per forward pass (points × images)
+    "Integrated gradients along the straight path from the baseline, trapezoid rule (N, C, H, W)"
+    _check_steps(steps)
+    if steps < 2: raise ValueError(f"steps must be ≥ 2 for the trapezoid rule, got {steps}")
+    b = torch.full_like(x, baseline)
+    alphas = torch.linspace(0, 1, steps)
+    w = torch.full((steps,), 1 / (steps - 1)); w[0] = w[-1] = 0.5 / (steps - 1)
+    total, k = torch.zeros_like(x), max(1, batch // len(x))
+    for a, wk in zip(alphas.split(k), w.split(k)):  # k points of the path at a time, all images at once
+        pts = (b + a[:, None, None, None, None] * (x - b)).reshape(-1, *x.shape[1:])
+        g = _target_grad(model, pts, target.repeat(len(a))).reshape(len(a), *x.shape)
+        total += (wk[:, None, None, None, None] * g).sum(0)
+    return (x - b) * total
+
+# %% ../nbs/10_inference.ipynb #a2abb6b5
+def attribution_maps(model:nn.Module, # a classifier of pixels (eval mode), e.g. a `PixelModel`
+                     x:torch.Tensor, # images (N, C, H, W)
+                     target:torch.Tensor, # class per image (N,)
+                     stages:dict=None, # name -> convolution stage of `model` for Grad-CAM
+                     smooth_n:int=25, # SmoothGrad's noisy copies
+                     ig_steps:int=64) -> dict: # integrated gradients' points
+    "Every method's relevance map (N, H, W) (channels summed), by name"
+    out = {'gradient': gradient_map(model, x, target).sum(1),
+           'SmoothGrad': smoothgrad(model, x, target, smooth_n).sum(1),
+           'integrated gradients': integrated_gradients(model, x, target, steps=ig_steps).sum(1)}
+    for name, layer in (stages or {}).items(): out[f'Grad-CAM {name}'] = grad_cam(model, x, layer, target)
+    return out
+
+# %% ../nbs/10_inference.ipynb #f5b25a90
+def rank_correlation(a:torch.Tensor, # maps (N, ...)
+                     b:torch.Tensor) -> torch.Tensor: # maps of the same shape
+    "Spearman rank correlation of each pair of maps (N,): the Pearson correlation of their ranks"
+    ra, rb = (m.reshape(len(m), -1).argsort(1).argsort(1).double() for m in (a, b))
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+
+def randomized_copy(model:nn.Module, # the trained model
+                    seed:int=0) -> nn.Module: # seed of the new weights
+    "A copy of `model` with every layer's parameters re-initialized (`reset_parameters`), in eval mode"
+    import copy
+    torch.manual_seed(seed)
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if hasattr(mod, 'reset_parameters'): mod.reset_parameters()
+    return m.eval()
+
+# %% ../nbs/10_inference.ipynb #340329a4
+def deletion_curve(model:nn.Module, # a classifier of pixels (eval mode)
+                   x:torch.Tensor, # images (N, C, H, W)
+                   y:torch.Tensor, # labels (N,)
+                   relevance:torch.Tensor, # relevance per pixel (N, H, W); ignored by `order='random'`
+                   order:str='morf', # 'morf' (most relevant first), 'lerf' (least first) or 'random'
+                   fractions=(0, 0.05, 0.1, 0.2, 0.3, 0.5), # shares of the pixels removed
+                   background:float=0., # the value a removed pixel takes
+                   seed:int=0) -> list: # seed of the random order
+    "Accuracy after removing each share of the pixels in the given order: one float per fraction"
+    if order not in ('morf', 'lerf', 'random'): raise ValueError(f"order must be 'morf', 'lerf' or 'random', got {order!r}")
+    N, P = len(x), x.shape[-2] * x.shape[-1]
+    if order == 'random': rank = torch.rand(N, P, generator=torch.Generator().manual_seed(seed)).argsort(1)
+    else: rank = relevance.reshape(N, P).argsort(dim=1, descending=order == 'morf', stable=True)
+    accs = []
+    for f in fractions:
+        gone = torch.zeros(N, P, dtype=torch.bool).scatter_(1, rank[:, :round(f * P)], True).reshape(N, 1, *x.shape[-2:])
+        with torch.no_grad(): accs.append(float((model(torch.where(gone, torch.full_like(x, background), x)).argmax(-1) == y).float().mean()))
+    return accs
+
+# %% ../nbs/10_inference.ipynb #0b687aae
 def pgd(model:nn.Module, # a classifier of pixels in 0..1 (e.g. a `PixelModel`), in the mode it should be attacked in
         x:torch.Tensor, # clean images (N, C, H, W) in [0, 1]
         y:torch.Tensor, # their labels (N,)
@@ -83,7 +399,7 @@ def fgsm(model:nn.Module, # a classifier of pixels in 0..1
     "The fast gradient sign method: one step of size `eps` along the sign of the gradient, from `x` itself"
     return pgd(model, x, y, eps, steps=1, alpha=eps, random_start=False)
 
-# %% ../nbs/10_inference.ipynb #d01bde54
+# %% ../nbs/10_inference.ipynb #35cc974a
 def to_uint8(x_adv:torch.Tensor, # adversarial images in [0, 1] (N, C, H, W)
              clean:np.ndarray, # the clean uint8 images they came from
              eps:float) -> np.ndarray: # the L∞ radius in pixel units
@@ -94,7 +410,7 @@ def to_uint8(x_adv:torch.Tensor, # adversarial images in [0, 1] (N, C, H, W)
     c = clean.astype(np.int16)
     return np.clip(r, np.maximum(c - k, 0), np.minimum(c + k, 255)).astype(np.uint8)
 
-# %% ../nbs/10_inference.ipynb #f8e72e3f
+# %% ../nbs/10_inference.ipynb #0e51c01e
 def attack_accuracy(model:nn.Module, # a classifier of pixels in 0..1 whose gradients make the attack (eval mode)
                     predictor, # the served model that scores the images (a `deploy.Predictor`); None: `model` itself
                     pixels:np.ndarray, # clean uint8 images (N, C, H, W)
@@ -118,7 +434,7 @@ def attack_accuracy(model:nn.Module, # a classifier of pixels in 0..1 whose grad
     else: labels = predictor(adv).labels
     return float((labels == y.numpy()).mean())
 
-# %% ../nbs/10_inference.ipynb #14f051a0
+# %% ../nbs/10_inference.ipynb #cc981e21
 EPSILONS = (0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 
 def robustness_rows(models:dict, # name -> (pixel model for the gradients, predictor that scores; or None)
@@ -135,7 +451,7 @@ def robustness_rows(models:dict, # name -> (pixel model for the gradients, predi
                              pgd=attack_accuracy(m, p, pixels, y, eps, 'pgd', steps)))
     return rows
 
-# %% ../nbs/10_inference.ipynb #40db8459
+# %% ../nbs/10_inference.ipynb #72db4177
 import contextlib
 @contextlib.contextmanager
 def _frozen_bn_stats(model):
@@ -147,7 +463,7 @@ def _frozen_bn_stats(model):
     finally:
         for m, v in zip(bns, saved): m.momentum = v
 
-# %% ../nbs/10_inference.ipynb #0895329b
+# %% ../nbs/10_inference.ipynb #e13484d6
 class AdversarialTraining(Callback):
     "Replace each training batch by its PGD adversarial version (in pixel space) before the step"
     order = -5  # after `TimeBudget` (-20), before the schedule and the forward pass
@@ -186,7 +502,7 @@ class AdversarialTraining(Callback):
             xa = pgd(pm, (L.xb * s + m).clamp(0, 1), L.yb, eps, self.steps, alpha, seed=self.seed + L.train_iter)
         L.xb = (xa - m) / s
 
-# %% ../nbs/10_inference.ipynb #3f73eceb
+# %% ../nbs/10_inference.ipynb #4b3083dd
 @dataclass
 class RobustRecipe:
     "How the adversarially trained CNN is trained: `AdversarialTraining` on the CNN chapter's recipe, under a time budget."
@@ -202,7 +518,7 @@ class RobustRecipe:
     flip:bool = True # random left-right flips
     seed:int = 0 # weights, data order, flips and random starts
 
-# %% ../nbs/10_inference.ipynb #ff9170bb
+# %% ../nbs/10_inference.ipynb #3e72b686
 def train_robust_cnn(cfg=None, # a `cnn.CNNConfig`; defaults to the CNN chapter's
                      recipe:RobustRecipe=None, # defaults to `RobustRecipe()`
                      dls=None, # Fashion-MNIST `DataLoaders`; defaults to all 60,000 training images
@@ -227,7 +543,7 @@ def train_robust_cnn(cfg=None, # a `cnn.CNNConfig`; defaults to the CNN chapter'
     row['epochs'] = round(learn.train_iter / len(train), 2)
     return model.eval(), row
 
-# %% ../nbs/10_inference.ipynb #8480503c
+# %% ../nbs/10_inference.ipynb #e5988de7
 def robust_cnn_path() -> Path:
     "Where the adversarially trained CNN is kept: the user cache's `models/` folder"
     from bigmodel_nb.data import cache_dir
@@ -249,3 +565,66 @@ def get_robust_cnn(recipe:RobustRecipe=None, # defaults to `RobustRecipe()` (ten
     save_cnn(model, path, info={'recipe': asdict(r), **row})
     model.info = {'recipe': asdict(r), **row}
     return model
+
+# %% ../nbs/10_inference.ipynb #efa0ad1a
+def fuzz_predictor(predictor, # a `deploy.Predictor`
+                   examples:int=200, # hypothesis examples
+                   seed:int=0) -> dict: # hypothesis's seed (derandomized runs)
+    "Feed the predictor arbitrary arrays; every outcome must be a prediction or a ValueError. Counts of each."
+    from hypothesis import given, settings, seed as hseed, HealthCheck, strategies as st
+    from hypothesis.extra import numpy as hnp
+    C, H, W = predictor.shape
+    dtypes = st.sampled_from([np.uint8, np.int8, np.int64, np.float16, np.float32, np.float64, np.bool_, np.complex64])
+    shapes = st.one_of(st.just((2, C, H, W)), st.just((1, H, W)), hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6))
+    seen = {'prediction': 0, 'ValueError': 0}
+    @hseed(seed)
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(hnp.arrays(dtypes, shapes))  # floats include NaN, ±inf and huge values
+    def check(a):
+        try: out = predictor(a)
+        except ValueError: seen['ValueError'] += 1; return
+        assert np.isfinite(out.probs).all() and len(out.labels) == len(out.probs)
+        seen['prediction'] += 1
+    check()
+    return seen
+
+# %% ../nbs/10_inference.ipynb #723acaf2
+def step_calibrate(model:nn.Module, # the trained classifier (normalized input)
+                   dls, # `DataLoaders`: the test images are split into a fit half and an eval half
+                   run_dir=None, # where `reliability.png` goes, if given
+                   seed:int=0) -> tuple: # seed of the split
+    "Fit the temperature on a stratified half of the test set, measure on the other: `(T, results)`"
+    model.eval()
+    with torch.no_grad(): logits = torch.cat([model(b) for b in dls.test.x.split(1000)])
+    y = dls.test.y
+    fit, ev = calibration_split(y, seed)
+    T = fit_temperature(logits[fit], y[fit])
+    b, a = calibration_metrics(logits[ev].softmax(-1), y[ev]), calibration_metrics(temperature_scale(logits[ev], T), y[ev])
+    res = dict(temperature=T, ece_before=b['ece'], ece_after=a['ece'], nll_before=b['nll'], nll_after=a['nll'],
+               eval_acc=a['acc'], fit_images=len(fit), eval_images=len(ev))
+    if run_dir is not None:
+        import matplotlib.pyplot as plt
+        ax = plot_reliability({'softmax': (logits[ev].softmax(-1), y[ev]), f'temperature {T:.3f}': (temperature_scale(logits[ev], T), y[ev])})
+        ax.figure.tight_layout(); ax.figure.savefig(Path(run_dir)/'reliability.png', dpi=80); plt.close(ax.figure)
+        res['reliability'] = 'reliability.png'
+    return T, res
+
+# %% ../nbs/10_inference.ipynb #96f54839
+def step_attack(package, # the package folder (verified before use)
+                dls, # `DataLoaders` whose test images are attacked
+                n:int=1000, # test images (stratified); a quick run uses 200
+                eps:float=0.1, # L∞ radius in pixel units
+                steps:int=20, # PGD steps
+                seed:int=0) -> dict: # seed of the subset and of PGD's random start
+    "Clean, FGSM and PGD accuracy at `eps` through the packaged predictor, the attacks made from the package's own weights"
+    from bigmodel_nb.deploy import load_package, load_package_weights
+    from bigmodel_nb.data import stratified_split
+    pred = load_package(package)
+    pre = pred.config['preprocessing']
+    pm = PixelModel(load_package_weights(package), pre['mean'], pre['std']).eval()
+    idx = stratified_split(dls.test.y, (min(1., n / len(dls.test.y)),), seed)[0]
+    raw = np.rint(pm.pixels(dls.test.x[idx]).numpy() * 255).astype(np.uint8)
+    y = dls.test.y[idx]
+    return dict(attack_images=len(y), eps=eps, clean_acc=attack_accuracy(pm, pred, raw, y, 0.),
+                fgsm_acc=attack_accuracy(pm, pred, raw, y, eps, 'fgsm'),
+                pgd_acc=attack_accuracy(pm, pred, raw, y, eps, 'pgd', steps, seed=seed), pgd_steps=steps)

@@ -474,3 +474,124 @@ def test_token_package_refuses_int8(tiny_lm, tmp_path):
         save_package(lm, tmp_path / 'p', ids[:2, :8], token_config(tok, 32), calib=[ids])
     with pytest.raises(ValueError, match="config kind 'sound'"):
         save_package(lm, tmp_path / 'p', ids[:2, :8], {'kind': 'sound'})
+
+
+# calibration temperature and signatures
+
+def test_package_temperature_calibrates_probabilities(exported, config, fashion, tmp_path):
+    model = exported[0]
+    x, _, mean, std = fashion
+    xn = normalize(x[:32], mean, std)
+    p = load_package(save_package(model, tmp_path / 'cal', xn[:2], config, temperature=0.5))
+    plain = load_package(save_package(model, tmp_path / 'plain', xn[:2], config))
+    out, ref = p(x[:32].numpy()), plain(x[:32].numpy())
+    with torch.no_grad(): want = (model(xn) / 0.5).softmax(-1).numpy()
+    np.testing.assert_allclose(out.probs, want, atol=1e-5)
+    assert (out.labels == ref.labels).all() and p.temperature == 0.5 and plain.temperature is None
+    assert not np.allclose(out.probs, ref.probs, atol=1e-3)  # the temperature did change the probabilities
+    np.testing.assert_allclose(p.predict(xn.numpy(), normalized=True).probs, want, atol=1e-5)  # the float path too
+    assert json.loads((tmp_path / 'cal' / 'config.json').read_text())['calibration']['temperature'] == 0.5
+    assert 'temperature scaling' in (tmp_path / 'cal' / 'README.md').read_text()
+
+
+@pytest.mark.parametrize('t', [0, -1.0, float('nan'), float('inf'), '0.5', True])
+def test_package_bad_temperature(exported, config, tmp_path, t):
+    with pytest.raises(ValueError, match='temperature must be a finite number > 0'):
+        save_package(exported[0], tmp_path / 'bad', torch.randn(2, 1, 28, 28), config, temperature=t)
+    assert not (tmp_path / 'bad').exists()
+
+
+@pytest.fixture(scope='module')
+def keys(tmp_path_factory):
+    from bigmodel_nb.deploy import generate_key, save_key
+    k = generate_key()
+    priv, pub = save_key(k, tmp_path_factory.mktemp('keys') / 'packager')
+    return k, priv, pub
+
+
+@pytest.fixture(scope='module')
+def signed(tmp_path_factory, exported, config, keys):
+    return save_package(exported[0], tmp_path_factory.mktemp('signed') / 'pkg', torch.randn(2, 1, 28, 28), config, sign_with=keys[0])
+
+
+def _forge(d):
+    "Relabel the model and rewrite the manifest to match: every checksum passes."
+    import hashlib
+    cfg = json.loads((d / 'config.json').read_text()); cfg['labels'] = ['Safe'] * 10; (d / 'config.json').write_text(json.dumps(cfg))
+    m = json.loads((d / 'manifest.json').read_text())
+    b = (d / 'config.json').read_bytes()
+    m['files']['config.json'] = {'sha256': hashlib.sha256(b).hexdigest(), 'bytes': len(b)}
+    (d / 'manifest.json').write_text(json.dumps(m))
+
+
+def test_signed_package_loads_with_trusted_key(signed, keys, fashion):
+    from bigmodel_nb.deploy import load_public_key, key_id
+    k, priv, pub = keys
+    assert (signed / 'signature.json').is_file()
+    doc = json.loads((signed / 'signature.json').read_text())
+    assert doc['algorithm'] == 'Ed25519' and doc['key_id'] == key_id(k)
+    for trusted in ([pub], pub, [load_public_key(pub)], [str(pub)], k):
+        load_package(signed, trusted_keys=trusted)
+    verify_package(signed, trusted_keys=[pub])
+    load_package_weights(signed, trusted_keys=[pub])
+    load_package(signed)  # without trusted keys, the checksums alone
+
+
+def test_forged_package_accepted_by_checksums_refused_by_signature(signed, keys, tmp_path, fashion):
+    d = tmp_path / 'forged'; shutil.copytree(signed, d); _forge(d)
+    assert load_package(d)(fashion[0][:2].numpy()).names == ['Safe', 'Safe']  # checksums catch corruption, not forgery
+    with pytest.raises(PackageError, match='bad signature'): load_package(d, trusted_keys=[keys[2]])
+    with pytest.raises(PackageError, match='bad signature'): load_package_weights(d, trusted_keys=[keys[2]])
+    with pytest.raises(PackageError, match='bad signature'): verify_package(d, trusted_keys=[keys[2]])
+
+
+def test_unsigned_and_unknown_key_refused(package, signed, keys, tmp_path):
+    from bigmodel_nb.deploy import generate_key, sign_package, key_id
+    with pytest.raises(PackageError, match='unsigned package'): load_package(package, trusted_keys=[keys[2]])
+    d = tmp_path / 'other'; shutil.copytree(signed, d)
+    other = generate_key()
+    assert sign_package(d, other) == key_id(other)
+    with pytest.raises(PackageError, match=f'unknown key {key_id(other)}'): load_package(d, trusted_keys=[keys[2]])
+    load_package(d, trusted_keys=[other.public_key()])
+    # re-signing a forged package with the attacker's key does not help either
+    _forge(d); sign_package(d, other)
+    with pytest.raises(PackageError, match='unknown key'): load_package(d, trusted_keys=[keys[2]])
+
+
+@pytest.mark.parametrize('doc, what', [('not json', 'malformed'), ('{"algorithm": "RSA", "signed": "manifest.json", "key_id": "x", "signature": ""}', 'malformed'),
+                                       ('{"algorithm": "Ed25519", "signed": "manifest.json", "key_id": "x", "signature": "AAAA"}', 'malformed'),
+                                       ('{"algorithm": "Ed25519", "signed": "manifest.json", "key_id": "x", "signature": "@@@"}', 'malformed')])
+def test_malformed_signature_file(signed, keys, tmp_path, doc, what):
+    d = tmp_path / 'bad-sig'; shutil.copytree(signed, d); (d / 'signature.json').write_text(doc)
+    with pytest.raises(PackageError, match=what): load_package(d, trusted_keys=[keys[2]])
+    load_package(d)  # the signature file is not in the manifest: without trusted keys it is ignored
+
+
+def test_sign_package_checks_first(package, keys, tmp_path):
+    from bigmodel_nb.deploy import sign_package
+    d = tmp_path / 'tampered'; shutil.copytree(package, d)
+    b = bytearray((d / 'model.onnx').read_bytes()); b[-100] ^= 1; (d / 'model.onnx').write_bytes(bytes(b))
+    with pytest.raises(PackageError, match='fails its checksum'): sign_package(d, keys[0])
+    assert not (d / 'signature.json').exists()
+
+
+def test_key_files(keys, signed, tmp_path):
+    from bigmodel_nb.deploy import load_private_key, load_public_key, save_key, generate_key, key_id
+    k, priv, pub = keys
+    assert priv.stat().st_mode & 0o777 == 0o600 and pub.name == 'packager.pub'
+    assert key_id(load_private_key(priv)) == key_id(load_public_key(pub)) == key_id(k)
+    with pytest.raises(FileExistsError): save_key(k, priv)
+    (tmp_path / 'junk.pem').write_text('hello')
+    with pytest.raises(ValueError, match='not a PEM private key'): load_private_key(tmp_path / 'junk.pem')
+    with pytest.raises(ValueError, match='not a PEM public key'): load_public_key(tmp_path / 'junk.pem')
+    with pytest.raises(ValueError, match='not a PEM private key'): load_private_key(pub)
+    with pytest.raises(FileNotFoundError, match='no such key file'): load_public_key(tmp_path / 'missing.pub')
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import serialization
+    ecpem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / 'ec.pub').write_bytes(ecpem)
+    with pytest.raises(ValueError, match='expected an Ed25519 public key'): load_public_key(tmp_path / 'ec.pub')
+    with pytest.raises(ValueError, match='sign_with: expected an Ed25519 private key'):
+        save_package(None, tmp_path / 'x', None, {'kind': 'image_classifier'}, sign_with='key.pem')
+    with pytest.raises(ValueError, match='trusted_keys is empty'): load_package(signed, trusted_keys=[])
+    with pytest.raises(ValueError, match='expected Ed25519 public keys'): load_package(signed, trusted_keys=[42])
