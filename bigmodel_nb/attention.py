@@ -9,7 +9,7 @@ __all__ = ['ATTENTION_KINDS', 'LM_RECIPES', 'check_mask', 'causal_mask', 'merge_
            'MultiHeadAttention', 'mha_from_torch', 'AdditiveAttention', 'BlockedAttention', 'blocked_attention',
            'naive_attention', 'measure_attention', 'sinusoidal_positions', 'Rotary', 'SelfAttention', 'MLP', 'Block',
            'TransformerBase', 'GPT', 'Encoder', 'LayerCache', 'KVCache', 'LMRecipe', 'build_lm', 'train_gpt',
-           'attention_maps', 'plot_attention', 'PackagedLM']
+           'attention_maps', 'plot_attention', 'save_attention_picture', 'PackagedLM']
 
 # %% ../nbs/05_attention.ipynb #ccf747a7
 import math, time
@@ -304,8 +304,10 @@ class SelfAttention(nn.Module):
         if self.rotary is not None: q, k = self.rotary(q, pos), self.rotary(k, pos)
         if cache is not None: k, v = cache.add(k, v)
         S = k.shape[-2]
-        mask, causal = _padding_to_allowed(key_padding_mask, B, S), self.causal and T > 1
-        if causal and pos: mask, causal = merge_masks(mask, causal_mask(T, S, pos, x.device)), False  # queries start at pos
+        mask, causal = _padding_to_allowed(key_padding_mask, B, S), self.causal
+        if cache is not None and causal:  # the queries start at position pos: an explicit mask (none for one query)
+            causal = False
+            if T > 1: mask = merge_masks(mask, causal_mask(T, S, pos, x.device))
         y, w = attention(q, k, v, mask, causal, need_weights=self.keep_weights)
         if self.keep_weights: self.weights = w
         self._shape = (B, T, S)
@@ -538,7 +540,20 @@ def plot_attention(maps:list, # from `attention_maps`
     fig.tight_layout()
     return fig
 
-# %% ../nbs/05_attention.ipynb #36982b6a
+# %% ../nbs/05_attention.ipynb #a6cb950e
+def save_attention_picture(model:TransformerBase, # a GPT or encoder
+                           tokenizer, # encodes the prompt (`CharTokenizer`)
+                           prompt:str, # the text whose attention to draw (at most n_ctx characters)
+                           path, # the PNG to write
+                           layers=None): # which layers (default the first and the last)
+    "Write the attention maps of `prompt` (first and last layer, every head) to a PNG; returns its path."
+    import matplotlib.pyplot as plt
+    layers = [0, len(model.blocks) - 1] if layers is None else layers
+    fig = plot_attention(attention_maps(model, tokenizer.encode(prompt)[None]), list(prompt), layers)
+    fig.savefig(path, dpi=120); plt.close(fig)
+    return path
+
+# %% ../nbs/05_attention.ipynb #c1970822
 class PackagedLM(nn.Module):
     "A token-model package's ONNX Runtime predictor as a module from token ids (B, T) to logits, for `generate`."
     def __init__(self, predictor): # a `TokenPredictor` (`load_package` of a token-model package)
