@@ -23,7 +23,7 @@ with the model's own step cost at batch 1 and 16 in-process.
 Goals: at concurrency 32 the model server reaches >= 0.7x the floor's throughput; batching on/off reaches >= 80% of the
 bound; zero errors. Last line: `serving server/floor at c=32: RATIO` (the lower of JSON and binary).
 """
-import asyncio, json, os, pickle, socket, subprocess, sys, tempfile, time
+import asyncio, json, os, pickle, shutil, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -236,6 +236,7 @@ def main():
               f'16 together / one at a time = {gen_speedup:.2f}x (goal >= 8x). The bound from the step costs, 16 x step(1) / step(16), '
               f'averaged over windows of 24 and 56 tokens: {gen_bound:.2f}x.']
     write_results('serving', 'Model server under load', '\n'.join(lines))
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"generation 16 streams / one at a time: {gen_speedup:.2f}x (bound {gen_bound:.2f}x)")
     for t in ('JSON', 'binary'): print(f"batching on/off {t}: {achieved[t]:.2f}x of bound {bound[t]:.2f}x = {achieved[t] / bound[t]:.0%}")
     print(f"errors: {errors}")
