@@ -368,7 +368,7 @@ def deletion_curve(model:nn.Module, # a classifier of pixels (eval mode)
         with torch.no_grad(): accs.append(float((model(torch.where(gone, torch.full_like(x, background), x)).argmax(-1) == y).float().mean()))
     return accs
 
-# %% ../nbs/10_inference.ipynb #0b687aae
+# %% ../nbs/10_inference.ipynb #3125915e
 def pgd(model:nn.Module, # a classifier of pixels in 0..1 (e.g. a `PixelModel`), in the mode it should be attacked in
         x:torch.Tensor, # clean images (N, C, H, W) in [0, 1]
         y:torch.Tensor, # their labels (N,)
@@ -399,7 +399,7 @@ def fgsm(model:nn.Module, # a classifier of pixels in 0..1
     "The fast gradient sign method: one step of size `eps` along the sign of the gradient, from `x` itself"
     return pgd(model, x, y, eps, steps=1, alpha=eps, random_start=False)
 
-# %% ../nbs/10_inference.ipynb #35cc974a
+# %% ../nbs/10_inference.ipynb #bbedd376
 def to_uint8(x_adv:torch.Tensor, # adversarial images in [0, 1] (N, C, H, W)
              clean:np.ndarray, # the clean uint8 images they came from
              eps:float) -> np.ndarray: # the L∞ radius in pixel units
@@ -410,7 +410,7 @@ def to_uint8(x_adv:torch.Tensor, # adversarial images in [0, 1] (N, C, H, W)
     c = clean.astype(np.int16)
     return np.clip(r, np.maximum(c - k, 0), np.minimum(c + k, 255)).astype(np.uint8)
 
-# %% ../nbs/10_inference.ipynb #0e51c01e
+# %% ../nbs/10_inference.ipynb #275bae6b
 def attack_accuracy(model:nn.Module, # a classifier of pixels in 0..1 whose gradients make the attack (eval mode)
                     predictor, # the served model that scores the images (a `deploy.Predictor`); None: `model` itself
                     pixels:np.ndarray, # clean uint8 images (N, C, H, W)
@@ -434,7 +434,7 @@ def attack_accuracy(model:nn.Module, # a classifier of pixels in 0..1 whose grad
     else: labels = predictor(adv).labels
     return float((labels == y.numpy()).mean())
 
-# %% ../nbs/10_inference.ipynb #cc981e21
+# %% ../nbs/10_inference.ipynb #c9fb8e41
 EPSILONS = (0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 
 def robustness_rows(models:dict, # name -> (pixel model for the gradients, predictor that scores; or None)
@@ -451,7 +451,7 @@ def robustness_rows(models:dict, # name -> (pixel model for the gradients, predi
                              pgd=attack_accuracy(m, p, pixels, y, eps, 'pgd', steps)))
     return rows
 
-# %% ../nbs/10_inference.ipynb #72db4177
+# %% ../nbs/10_inference.ipynb #953818c5
 import contextlib
 @contextlib.contextmanager
 def _frozen_bn_stats(model):
@@ -463,7 +463,7 @@ def _frozen_bn_stats(model):
     finally:
         for m, v in zip(bns, saved): m.momentum = v
 
-# %% ../nbs/10_inference.ipynb #e13484d6
+# %% ../nbs/10_inference.ipynb #98c2b449
 class AdversarialTraining(Callback):
     "Replace each training batch by its PGD adversarial version (in pixel space) before the step"
     order = -5  # after `TimeBudget` (-20), before the schedule and the forward pass
@@ -502,7 +502,7 @@ class AdversarialTraining(Callback):
             xa = pgd(pm, (L.xb * s + m).clamp(0, 1), L.yb, eps, self.steps, alpha, seed=self.seed + L.train_iter)
         L.xb = (xa - m) / s
 
-# %% ../nbs/10_inference.ipynb #4b3083dd
+# %% ../nbs/10_inference.ipynb #75573adf
 @dataclass
 class RobustRecipe:
     "How the adversarially trained CNN is trained: `AdversarialTraining` on the CNN chapter's recipe, under a time budget."
@@ -518,7 +518,7 @@ class RobustRecipe:
     flip:bool = True # random left-right flips
     seed:int = 0 # weights, data order, flips and random starts
 
-# %% ../nbs/10_inference.ipynb #3e72b686
+# %% ../nbs/10_inference.ipynb #dd531538
 def train_robust_cnn(cfg=None, # a `cnn.CNNConfig`; defaults to the CNN chapter's
                      recipe:RobustRecipe=None, # defaults to `RobustRecipe()`
                      dls=None, # Fashion-MNIST `DataLoaders`; defaults to all 60,000 training images
@@ -543,7 +543,7 @@ def train_robust_cnn(cfg=None, # a `cnn.CNNConfig`; defaults to the CNN chapter'
     row['epochs'] = round(learn.train_iter / len(train), 2)
     return model.eval(), row
 
-# %% ../nbs/10_inference.ipynb #e5988de7
+# %% ../nbs/10_inference.ipynb #3a42a238
 def robust_cnn_path() -> Path:
     "Where the adversarially trained CNN is kept: the user cache's `models/` folder"
     from bigmodel_nb.data import cache_dir
@@ -566,7 +566,7 @@ def get_robust_cnn(recipe:RobustRecipe=None, # defaults to `RobustRecipe()` (ten
     model.info = {'recipe': asdict(r), **row}
     return model
 
-# %% ../nbs/10_inference.ipynb #efa0ad1a
+# %% ../nbs/10_inference.ipynb #a4f88220
 def fuzz_predictor(predictor, # a `deploy.Predictor`
                    examples:int=200, # hypothesis examples
                    seed:int=0) -> dict: # hypothesis's seed (derandomized runs)
@@ -588,7 +588,7 @@ def fuzz_predictor(predictor, # a `deploy.Predictor`
     check()
     return seen
 
-# %% ../nbs/10_inference.ipynb #723acaf2
+# %% ../nbs/10_inference.ipynb #92dbec76
 def step_calibrate(model:nn.Module, # the trained classifier (normalized input)
                    dls, # `DataLoaders`: the test images are split into a fit half and an eval half
                    run_dir=None, # where `reliability.png` goes, if given
@@ -609,7 +609,7 @@ def step_calibrate(model:nn.Module, # the trained classifier (normalized input)
         res['reliability'] = 'reliability.png'
     return T, res
 
-# %% ../nbs/10_inference.ipynb #96f54839
+# %% ../nbs/10_inference.ipynb #cd0854fe
 def step_attack(package, # the package folder (verified before use)
                 dls, # `DataLoaders` whose test images are attacked
                 n:int=1000, # test images (stratified); a quick run uses 200
