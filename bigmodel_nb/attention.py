@@ -272,8 +272,7 @@ class Rotary(nn.Module):
                 pos:int=0): # position of the first of the T vectors
         "`x` rotated: (x1 cos - x2 sin, x1 sin + x2 cos) at each position."
         T, h = x.shape[-2], x.shape[-1] // 2
-        c, s = self.cos[pos:pos + T], self.sin[pos:pos + T]
-        if c.dtype != x.dtype: c, s = c.to(x.dtype), s.to(x.dtype)
+        c, s = self.cos[pos:pos + T].to(x.dtype), self.sin[pos:pos + T].to(x.dtype)
         x1, x2 = x[..., :h], x[..., h:]
         return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
 
@@ -300,9 +299,9 @@ class SelfAttention(nn.Module):
                 key_padding_mask=None, # (B, T) bool, True where a token is padding
                 cache=None): # a `LayerCache`: attend to its keys and values too, and add this call's
         B, T, d = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, d/H)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # each (B, H, T, d/H)
         pos = cache.n if cache is not None else 0
-        q, k, v = qkv if self.rotary is None else (*self.rotary(qkv[:2], pos), qkv[2])  # q and k rotated in one call
+        if self.rotary is not None: q, k = self.rotary(q, pos), self.rotary(k, pos)
         if cache is not None: k, v = cache.add(k, v)
         S = k.shape[-2]
         mask, causal = _padding_to_allowed(key_padding_mask, B, S), self.causal
@@ -375,10 +374,9 @@ def check_ids(self:TransformerBase, ids, # token ids (B, T)
     if pos + ids.shape[1] > self.cfg.n_ctx:
         raise ValueError(f"sequence of {pos + ids.shape[1]} tokens is longer than the context n_ctx={self.cfg.n_ctx}: "
                          f"keep the last {self.cfg.n_ctx} tokens, or use `step`, whose window slides")
-    if torch.compiler.is_compiling() or not ids.numel(): return
-    lo, hi = ids.aminmax()
-    if lo < 0 or hi >= self.cfg.vocab_size:
-        raise ValueError(f"token id {int(lo) if lo < 0 else int(hi)} is outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+    if not torch.compiler.is_compiling() and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.cfg.vocab_size):
+        raise ValueError(f"token id {int(ids.min()) if int(ids.min()) < 0 else int(ids.max())} is outside the vocabulary "
+                         f"0..{self.cfg.vocab_size - 1}")
 
 # %% ../nbs/05_attention.ipynb #cbe05196
 @patch
