@@ -675,6 +675,28 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives import serialization
 from cryptography.exceptions import InvalidSignature
 
+# %% ../nbs/08_deployment.ipynb #2dce7095
+def _check_private_key(k):
+    if not isinstance(k, Ed25519PrivateKey):
+        raise ValueError(f"sign_with: expected an Ed25519 private key (generate_key, load_private_key), got {type(k).__name__}")
+
+def _trusted(trusted_keys) -> dict:
+    "key id -> public key, from public keys, private keys or .pub files (one, or a list)."
+    keys = trusted_keys if isinstance(trusted_keys, (list, tuple, set)) else [trusted_keys]
+    out = {}
+    for k in keys:
+        k = load_public_key(k) if isinstance(k, (str, os.PathLike)) else k.public_key() if isinstance(k, Ed25519PrivateKey) else k
+        if not isinstance(k, Ed25519PublicKey): raise ValueError(f"trusted_keys: expected Ed25519 public keys or .pub files, got {type(k).__name__}")
+        out[key_id(k)] = k
+    if not out: raise ValueError("trusted_keys is empty: give at least one public key, or None to skip the signature check")
+    return out
+
+def _write_signature(folder:Path, key:Ed25519PrivateKey):
+    "Sign `folder`'s manifest.json bytes and write signature.json beside it."
+    sig = key.sign((folder/'manifest.json').read_bytes())
+    doc = {'algorithm': 'Ed25519', 'key_id': key_id(key), 'signed': 'manifest.json', 'signature': base64.b64encode(sig).decode()}
+    with atomic_write(folder/SIGNATURE_FILE) as tmp: tmp.write_text(json.dumps(doc, indent=2))
+
 # %% ../nbs/08_deployment.ipynb #8d2c4538
 def generate_key() -> Ed25519PrivateKey:
     "A new Ed25519 private key (its `public_key()` is what users of the package trust)."
@@ -725,28 +747,6 @@ def load_private_key(path) -> Ed25519PrivateKey: # a PEM file written by `save_k
 def load_public_key(path) -> Ed25519PublicKey: # a `.pub` PEM file written by `save_key`
     "Read an Ed25519 public key; a `ValueError` that says what the file is when it is not one."
     return _load_pem(path, False)
-
-# %% ../nbs/08_deployment.ipynb #2dce7095
-def _check_private_key(k):
-    if not isinstance(k, Ed25519PrivateKey):
-        raise ValueError(f"sign_with: expected an Ed25519 private key (generate_key, load_private_key), got {type(k).__name__}")
-
-def _trusted(trusted_keys) -> dict:
-    "key id -> public key, from public keys, private keys or .pub files (one, or a list)."
-    keys = trusted_keys if isinstance(trusted_keys, (list, tuple, set)) else [trusted_keys]
-    out = {}
-    for k in keys:
-        k = load_public_key(k) if isinstance(k, (str, os.PathLike)) else k.public_key() if isinstance(k, Ed25519PrivateKey) else k
-        if not isinstance(k, Ed25519PublicKey): raise ValueError(f"trusted_keys: expected Ed25519 public keys or .pub files, got {type(k).__name__}")
-        out[key_id(k)] = k
-    if not out: raise ValueError("trusted_keys is empty: give at least one public key, or None to skip the signature check")
-    return out
-
-def _write_signature(folder:Path, key:Ed25519PrivateKey):
-    "Sign `folder`'s manifest.json bytes and write signature.json beside it."
-    sig = key.sign((folder/'manifest.json').read_bytes())
-    doc = {'algorithm': 'Ed25519', 'key_id': key_id(key), 'signed': 'manifest.json', 'signature': base64.b64encode(sig).decode()}
-    with atomic_write(folder/SIGNATURE_FILE) as tmp: tmp.write_text(json.dumps(doc, indent=2))
 
 # %% ../nbs/08_deployment.ipynb #6f2d3c4c
 def _check_signature(folder:Path, manifest:bytes, trusted_keys):
