@@ -878,14 +878,14 @@ def export_triton(package, # a package folder (checked with `verify_package` fir
                   out, # the Triton model repository to write into: out/<name>/1/model.onnx and out/<name>/config.pbtxt
                   name:str|None=None, # the model's name there (default: the package's)
                   max_batch_size:int=64, max_queue_delay_us:int=500) -> Path:
-    "Write a package as a Triton model repository entry, its config checked against Triton's schema; the model's folder."
+    "Write a package as a Triton model repository entry (its calibration temperature included), its config checked against Triton's schema; the model's folder."
     import onnx
     from bigmodel_nb.deploy import onnx_signature
     from bigmodel_nb.concepts import atomic_write
     package = Path(package); verify_package(package)
     cfg = json.loads((package/'config.json').read_text()); name = name or cfg.get('name', package.name)
     proto = onnx.load(str(package/'model.onnx'))
-    if cfg['kind'] == 'image_classifier': proto = serving_graph(proto, cfg['preprocessing'])
+    if cfg['kind'] == 'image_classifier': proto = serving_graph(proto, cfg['preprocessing'], (cfg.get('calibration') or {}).get('temperature'))
     data = proto.SerializeToString(); sig = onnx_signature(data)
     text = triton_config(name, sig['inputs'], sig['outputs'], max_batch_size, max_queue_delay_us)
     check_triton_config(text)

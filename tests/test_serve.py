@@ -312,3 +312,21 @@ def test_workers_share_one_port(repo, fashion, pred):
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None: proc.kill()
+
+
+def test_calibrated_package_served_and_exported(repo, fashion, tmp_path):
+    "A package with a calibration temperature: the server's and the Triton export's probabilities are the calibrated ones."
+    import onnxruntime as ort
+    x, _, mean, std, classes = fashion
+    torch.manual_seed(1)
+    cnn = FashionCNN(CNNConfig(channels=(8, 16), convs=(1, 1))).eval()
+    folder = save_package(cnn, tmp_path/'cal', normalize(torch.from_numpy(x[:2]), mean, std),
+                          image_config(name='cal', mean=mean, std=std, labels=classes, input_shape=(1, 28, 28)), temperature=2.0)
+    p = load_package(folder, threads=1)
+    logits = p.logits(x[:16]).astype(np.float64) / 2.0
+    want = np.exp(logits - logits.max(1, keepdims=True)); want /= want.sum(1, keepdims=True)
+    np.testing.assert_allclose(p(x[:16]).probs, want, atol=1e-5)  # the predictor is calibrated
+    with ServerThread(create_app(folder)) as url, V2Client(url) as c: served = c.infer('cal', x[:16])['probabilities']
+    np.testing.assert_allclose(served, want, atol=1e-5)
+    s = ort.InferenceSession(str(export_triton(folder, tmp_path/'triton')/'1'/'model.onnx'))
+    np.testing.assert_allclose(s.run(['probabilities'], {'pixels': x[:16]})[0], want, atol=1e-5)
