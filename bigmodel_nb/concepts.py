@@ -7,11 +7,11 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/concepts.html.md"""
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'DTYPE_BYTES', 'FLOP_RULES', 'POSITIONS', 'KNOWN_CONFIGS', 'OPTIMIZER_STATES', 'set_seed',
            'default_device', 'cpu_name', 'machine_info', 'check_against', 'time_calls', 'time_stats',
-           'interleaved_rounds', 'torch_threads', 'markdown_table', 'atomic_write', 'register_architecture',
-           'architecture_of', 'build_architecture', 'Net', 'count_parameters', 'dtype_bytes', 'model_size_bytes',
-           'human_count', 'human_bytes', 'register_flops', 'flops_by_module', 'forward_flops', 'TransformerConfig',
-           'transformer_params', 'TransformerLM', 'optimizer_state_bytes', 'training_memory', 'activation_bytes',
-           'training_flops', 'chinchilla_tokens', 'compute_optimal']
+           'interleaved_rounds', 'torch_threads', 'markdown_table', 'atomic_write', 'new_run_dir',
+           'register_architecture', 'architecture_of', 'build_architecture', 'Net', 'count_parameters', 'dtype_bytes',
+           'model_size_bytes', 'human_count', 'human_bytes', 'register_flops', 'flops_by_module', 'forward_flops',
+           'TransformerConfig', 'transformer_params', 'TransformerLM', 'optimizer_state_bytes', 'training_memory',
+           'activation_bytes', 'training_flops', 'chinchilla_tokens', 'compute_optimal']
 
 # %% ../nbs/00_concepts.ipynb #6e001333
 import importlib, os, platform, random, shutil, subprocess, time, uuid
@@ -216,6 +216,17 @@ def _fsync(p):
     except OSError:
         if not Path(p).is_dir(): raise
     finally: os.close(fd)
+
+# %% ../nbs/00_concepts.ipynb #c2c5dfe4
+def new_run_dir(root='runs', # folder that holds all runs
+                name:str=None): # the run's folder name; defaults to the start time
+    "A new, empty folder `root/<timestamp>` for one run (a suffix keeps it unique)."
+    root = Path(root); base = name or time.strftime('%Y%m%d-%H%M%S')
+    for i in range(1000):
+        d = root/(base if i == 0 else f'{base}-{i}')
+        try: d.mkdir(parents=True); return d
+        except FileExistsError: continue
+    raise FileExistsError(f"could not make a new run folder under {root}")
 
 # %% ../nbs/00_concepts.ipynb #9aceb039
 ARCHITECTURES = {}  # name -> dict(cls=, config_cls=, module=)

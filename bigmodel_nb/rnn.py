@@ -489,32 +489,38 @@ def lstm_int8_rows(model:nn.Module, # a trained `CharLM` (left untouched)
 
 # %% ../nbs/04_rnn.ipynb #80eec997
 def lm_run(out='runs', # folder that holds the runs; this run gets `out/<timestamp>/`
-           arch:str='lstm', # 'rnn', 'lstm' or 'gru'
+           arch:str='lstm', # 'rnn', 'lstm' or 'gru'; another name needs `train`
            minutes:float=10., # training time
-           quick:bool=False, # a 64-unit model for 5 seconds instead (tests, smoke runs)
+           quick:bool=False, # a 64-unit model (or `train`'s model) for 5 seconds instead (tests, smoke runs)
            seed:int=0, # seed of the weights, the data order and the samples
            hidden:int=512, # units of the recurrent layer (full runs)
-           log=print) -> Path: # where progress lines go
+           log=print, # where progress lines go
+           train=None, # `train(split, seconds, seed) -> (model, row, curve)` for a model of a later chapter (`bigmodel-nb lm --arch gpt`)
+           picture=None) -> Path: # `picture(model, tokenizer, run_dir)` draws more into the run (the attention chapter's maps)
     "Train, evaluate, sample and package a character model of Shakespeare; returns the run folder"
-    from bigmodel_nb.cli import new_run_dir
+    from bigmodel_nb.concepts import new_run_dir
     from bigmodel_nb.data import shakespeare_split, char_lm_dataloaders
     from bigmodel_nb.deploy import save_package, token_config
-    if arch not in _RNN_LAYERS: raise ValueError(f"arch {arch!r}: expected one of {list(_RNN_LAYERS)}")
+    if arch not in _RNN_LAYERS and train is None: raise ValueError(f"arch {arch!r}: expected one of {list(_RNN_LAYERS)}")
     if not minutes > 0: raise ValueError(f"minutes must be > 0, got {minutes}")
     run = new_run_dir(out)
     split = shakespeare_split(verbose=False); log(f"data: {split}")
-    dls = char_lm_dataloaders(split, seq_len=100, batch_size=32, seed=seed, stateful=True)
-    torch.manual_seed(seed)
-    model = CharLM(CharLMConfig(vocab_size=split.tokenizer.vocab_size, arch=arch, hidden=64 if quick else hidden))
     seconds = 5. if quick else 60. * minutes
-    log(f"train: {arch.upper()} {model.cfg.hidden}, {count_parameters(model):,} parameters, {seconds:g} s")
-    model, row, curve = train_lm(model, dls, seconds, lr=1e-3 if arch == 'rnn' else 3e-3, valid_every=seconds / 5, seed=seed)
+    if train is None:
+        dls = char_lm_dataloaders(split, seq_len=100, batch_size=32, seed=seed, stateful=True)
+        torch.manual_seed(seed)
+        model = CharLM(CharLMConfig(vocab_size=split.tokenizer.vocab_size, arch=arch, hidden=64 if quick else hidden))
+        log(f"train: {arch.upper()} {model.cfg.hidden}, {count_parameters(model):,} parameters, {seconds:g} s")
+        model, row, curve = train_lm(model, dls, seconds, lr=1e-3 if arch == 'rnn' else 3e-3, valid_every=seconds / 5, seed=seed)
+    else:
+        log(f"train: {arch}, {seconds:g} s"); model, row, curve = train(split, seconds, seed)
     log(f"evaluate: {row['valid_nats']:.4f} nats ({row['valid_bpc']:.3f} bits/char) on the whole validation split")
     samples = {t: generate(model, split.tokenizer, 'ROMEO:', n=300, temperature=t, seed=seed) for t in (0.5, 1.0)}
     (run/'samples.txt').write_text(''.join(f"--- temperature {t}\n{s}\n\n" for t, s in samples.items()))
     _plot_curve(curve, run/'curve.png', row['model'])
+    if picture is not None: picture(model, split.tokenizer, run)
     save_package(model, run/'package', torch.randint(0, split.tokenizer.vocab_size, (2, 16)),
-                 token_config(split.tokenizer, name=f"char {arch.upper()} (bigmodel-nb lm)"),
+                 token_config(split.tokenizer, max_sequence=getattr(getattr(model, 'cfg', None), 'n_ctx', None), name=f"char {arch.upper()} (bigmodel-nb lm)"),
                  metrics={k: row[k] for k in ('valid_nats', 'valid_bpc', 'train_seconds', 'params')})
     (run/'metrics.json').write_text(json.dumps({**row, 'arch': arch, 'quick': quick, 'curve': curve}, indent=2))
     log(f"package: {run/'package'}")

@@ -210,3 +210,34 @@ def test_serve_answers_health_and_stops_cleanly_on_sigterm(quick_run):
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err[-3000:]
+
+
+def test_keygen_sign_verify_and_a_forged_package_is_refused(quick_run, tmp_path, capsys):
+    _, run_dir = quick_run
+    pkg = tmp_path/'pkg'; shutil.copytree(run_dir/'package', pkg)
+    rc, out, err = run_main(capsys, 'keygen', tmp_path/'key')
+    assert rc == 0 and (tmp_path/'key.pub').is_file() and oct((tmp_path/'key').stat().st_mode)[-3:] == '600', err
+    rc, out, err = run_main(capsys, 'verify', pkg, '--trusted', tmp_path/'key.pub')
+    assert rc == 2 and 'unsigned package' in err, err
+    rc, out, err = run_main(capsys, 'sign', pkg, '--key', tmp_path/'key')
+    assert rc == 0 and 'signed' in out, err
+    rc, out, err = run_main(capsys, 'verify', pkg, '--trusted', tmp_path/'key.pub')
+    assert rc == 0 and 'signature: valid, by a trusted key' in out, err
+    # a forgery: new labels and a manifest rewritten to match pass the checksums, not the signature
+    import hashlib
+    cfg = json.loads((pkg/'config.json').read_text()); cfg['labels'] = list(reversed(cfg['labels']))
+    b = json.dumps(cfg).encode(); (pkg/'config.json').write_bytes(b)
+    man = json.loads((pkg/'manifest.json').read_text())
+    man['files']['config.json'] = {'sha256': hashlib.sha256(b).hexdigest(), 'bytes': len(b)}
+    (pkg/'manifest.json').write_text(json.dumps(man))
+    assert run_main(capsys, 'verify', pkg)[0] == 0  # checksums alone accept it
+    rc, out, err = run_main(capsys, 'verify', pkg, '--trusted', tmp_path/'key.pub')
+    assert rc == 2 and 'signature' in err, err
+
+
+def test_explain_prints_the_top_k_and_writes_grad_cam(quick_run, images, tmp_path, capsys):
+    _, run_dir = quick_run
+    d, ref, classes = images
+    rc, out, err = run_main(capsys, 'explain', run_dir/'package', d/'first.png', '--k', '2', '--out', tmp_path/'cam.png')
+    assert rc == 0, err
+    assert classes[ref[0]] in out and (tmp_path/'cam.png').read_bytes()[:4] == b'\x89PNG'
