@@ -24,7 +24,8 @@ from _results import write_results
 
 from bigmodel_nb.concepts import machine_info
 from bigmodel_nb.data import TensorLoader, image_dataloaders
-from bigmodel_nb.distributed import free_port, init_distributed
+from bigmodel_nb.concepts import free_port
+from bigmodel_nb.distributed import init_distributed
 from bigmodel_nb.learner import Checkpoint, Learner, MixedPrecision, StopAfter, accuracy, digits_cnn
 
 

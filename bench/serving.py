@@ -136,7 +136,8 @@ def main():
     from bigmodel_nb.data import channel_stats, load_fashion_mnist, normalize, load_shakespeare, CharTokenizer
     from bigmodel_nb.deploy import save_package, image_config, token_config, load_package
     from bigmodel_nb.cnn import get_trained_cnn, cnn_path
-    from bigmodel_nb.serve import ServerThread, create_app, free_port, measure_generation
+    from bigmodel_nb.concepts import free_port
+    from bigmodel_nb.serve import ServerThread, create_app, measure_generation
     torch.set_num_threads(1)
     info = machine_info(); print(info, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix='bench-serving-'))

@@ -7,7 +7,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/lifecycle.html.md"""
 # %% auto #0
 __all__ = ['QUICK_COMPRESS', 'STEPS', 'QUICK_LIMIT', 'LM_ARCHS', 'USER_ERRORS', 'RunLog', 'step_train', 'plot_training',
            'step_evaluate', 'goal_lines', 'step_compress', 'step_export', 'step_package', 'lifecycle', 'write_report',
-           'package_summary', 'format_summary', 'read_images', 'predict_files', 'main', 'info']
+           'package_summary', 'format_summary', 'predict_files', 'main', 'info']
 
 # %% ../nbs/11_lifecycle.ipynb #64c98b8c
 import argparse, contextlib, hashlib, json, os, sys, time, traceback
@@ -24,6 +24,7 @@ from .concepts import new_run_dir, set_seed, count_parameters, machine_info, mar
 from .data import image_dataloaders, DataSourceError
 from .distributed import add_train_arguments, train_main
 from .learner import Learner, accuracy, accuracy_on, f1_score, confusion_matrix, plot_confusion_matrix
+from .deploy import read_images
 
 # %% ../nbs/11_lifecycle.ipynb #66c3718f
 class RunLog:
@@ -232,24 +233,6 @@ def format_summary(s:dict) -> str: # from `package_summary`
     if s['metrics']: lines.append('metrics: ' + ', '.join(f"{k}={format(v, '.4g') if isinstance(v, float) else v}" for k, v in s['metrics'].items()))
     files = [dict(file=n, bytes=e['bytes'], sha256=e['sha256'][:16] + '…') for n, e in s['files'].items()]
     return '\n'.join(lines + ['', markdown_table(files)])
-
-# %% ../nbs/11_lifecycle.ipynb #4d2b9394
-def read_images(path, # a PNG (or any image Pillow reads) or a `.npy` array of one image `(H, W)`/`(C, H, W)` or a batch `(N, [C,] H, W)`
-                shape:tuple) -> tuple: # the package's input shape `(C, H, W)`
-    "The images in one file, as a batch `(N, C, H, W)` or `(N, H, W)`, and whether the file held a batch."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
-    C = shape[0]
-    if path.suffix.lower() == '.npy':
-        x = np.load(path, allow_pickle=False)
-        one = tuple(x.shape) == tuple(shape) or (C == 1 and tuple(x.shape) == tuple(shape[1:]))
-        return (x[None] if one else x), not one
-    from PIL import Image, UnidentifiedImageError
-    if C not in (1, 3): raise ValueError(f"{path}: the package takes {C}-channel images; give them as a .npy array (N, {C}, H, W)")
-    try:
-        with Image.open(path) as im: x = np.asarray(im.convert('L' if C == 1 else 'RGB'))
-    except UnidentifiedImageError: raise ValueError(f"{path}: not an image Pillow can read, nor a .npy file") from None
-    return (x[None] if C == 1 else x.transpose(2, 0, 1)[None]), False
 
 # %% ../nbs/11_lifecycle.ipynb #3658e8b3
 def predict_files(predictor, # from `deploy.load_package`: `predictor(x)` returns `Prediction(labels, probs, names)`

@@ -7,7 +7,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/concepts.html.md"""
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'DTYPE_BYTES', 'FLOP_RULES', 'POSITIONS', 'KNOWN_CONFIGS', 'OPTIMIZER_STATES', 'set_seed',
            'default_device', 'cpu_name', 'machine_info', 'check_against', 'time_calls', 'time_stats',
-           'interleaved_rounds', 'torch_threads', 'markdown_table', 'atomic_write', 'new_run_dir',
+           'interleaved_rounds', 'torch_threads', 'markdown_table', 'atomic_write', 'new_run_dir', 'free_port',
            'register_architecture', 'architecture_of', 'build_architecture', 'Net', 'count_parameters', 'dtype_bytes',
            'model_size_bytes', 'human_count', 'human_bytes', 'register_flops', 'flops_by_module', 'forward_flops',
            'TransformerConfig', 'transformer_params', 'TransformerLM', 'optimizer_state_bytes', 'training_memory',
@@ -227,6 +227,12 @@ def new_run_dir(root='runs', # folder that holds all runs
         try: d.mkdir(parents=True); return d
         except FileExistsError: continue
     raise FileExistsError(f"could not make a new run folder under {root}")
+
+# %% ../nbs/00_concepts.ipynb #0a552f53
+def free_port(host:str='127.0.0.1') -> int: # the address to bind
+    "A TCP port on `host` that nothing listens on now."
+    import socket
+    with socket.socket() as s: s.bind((host, 0)); return s.getsockname()[1]
 
 # %% ../nbs/00_concepts.ipynb #9aceb039
 ARCHITECTURES = {}  # name -> dict(cls=, config_cls=, module=)

@@ -29,8 +29,8 @@ __all__ = ['PACKAGE_FORMAT', 'PACKAGE_FILES', 'PACKAGE_KINDS', 'PACKAGE_INT8', '
            'pixel_affine', 'with_pixel_input', 'with_predictions', 'serving_graph', 'Prediction', 'Predictor',
            'compare_latency', 'latency_table', 'plot_latency', 'tokenizer_spec', 'tokenizer_from_spec', 'token_config',
            'export_token_model', 'TokenPredictor', 'PackageError', 'model_card', 'save_package', 'verify_package',
-           'load_package', 'load_package_weights', 'generate_key', 'key_id', 'save_key', 'load_private_key',
-           'load_public_key', 'sign_package']
+           'load_package', 'read_images', 'load_package_weights', 'generate_key', 'key_id', 'save_key',
+           'load_private_key', 'load_public_key', 'sign_package']
 
 # %% ../nbs/08_deployment.ipynb #2f809928
 from .compress import export_onnx  # defined in the compression chapter, which exports before it quantizes
@@ -658,6 +658,24 @@ def load_package(folder, # a folder written by `save_package`
     cls = {'image_classifier': Predictor, 'token_model': TokenPredictor}[man['kind']]
     return cls(files[PACKAGE_INT8 if int8 else 'model.onnx'], config, threads, providers, spin,
                folder=Path(folder), manifest=man, card=files['README.md'].decode())
+
+# %% ../nbs/08_deployment.ipynb #ae377eb2
+def read_images(path, # a PNG (or any image Pillow reads) or a `.npy` array of one image `(H, W)`/`(C, H, W)` or a batch `(N, [C,] H, W)`
+                shape:tuple) -> tuple: # the package's input shape `(C, H, W)`
+    "The images in one file, as a batch `(N, C, H, W)` or `(N, H, W)`, and whether the file held a batch."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
+    C = shape[0]
+    if path.suffix.lower() == '.npy':
+        x = np.load(path, allow_pickle=False)
+        one = tuple(x.shape) == tuple(shape) or (C == 1 and tuple(x.shape) == tuple(shape[1:]))
+        return (x[None] if one else x), not one
+    from PIL import Image, UnidentifiedImageError
+    if C not in (1, 3): raise ValueError(f"{path}: the package takes {C}-channel images; give them as a .npy array (N, {C}, H, W)")
+    try:
+        with Image.open(path) as im: x = np.asarray(im.convert('L' if C == 1 else 'RGB'))
+    except UnidentifiedImageError: raise ValueError(f"{path}: not an image Pillow can read, nor a .npy file") from None
+    return (x[None] if C == 1 else x.transpose(2, 0, 1)[None]), False
 
 # %% ../nbs/08_deployment.ipynb #0484867f
 def load_package_weights(folder, # a folder written by `save_package`

@@ -21,10 +21,10 @@ from .data import TensorLoader, TextWindowLoader
 from .learner import Learner, Callback, ProgressCB, Checkpoint, TimeBudget, accuracy
 
 # %% auto #0
-__all__ = ['SHARDED', 'rank', 'world_size', 'is_main', 'init_distributed', 'free_port', 'shard_sizes', 'ShardedLoader',
-           'SyncBatchNorm', 'sync_batchnorm', 'DistributedCB', 'DistributedRunError', 'notebook_launcher',
-           'train_command', 'launch', 'train', 'add_train_arguments', 'train_main', 'ring_allreduce_bytes', 'step_time',
-           'allreduce_seconds', 'bus_bandwidth', 'memory_per_rank', 'largest_model']
+__all__ = ['SHARDED', 'rank', 'world_size', 'is_main', 'init_distributed', 'shard_sizes', 'ShardedLoader', 'SyncBatchNorm',
+           'sync_batchnorm', 'DistributedCB', 'DistributedRunError', 'notebook_launcher', 'train_command', 'launch',
+           'train', 'add_train_arguments', 'train_main', 'ring_allreduce_bytes', 'step_time', 'allreduce_seconds',
+           'bus_bandwidth', 'memory_per_rank', 'largest_model']
 
 # %% ../nbs/02a_distributed.ipynb #52a9169a
 def _initialized() -> bool: return dist.is_available() and dist.is_initialized()
@@ -97,9 +97,7 @@ def init_distributed(backend:str=None, # 'gloo' (CPUs) or 'nccl' (GPUs); default
     return torch.device('cpu')
 
 # %% ../nbs/02a_distributed.ipynb #b5dd90b6
-def free_port() -> int:
-    "A TCP port on this machine that nothing listens on (for a local master)."
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+from .concepts import free_port  # a port for a local master
 
 # %% ../nbs/02a_distributed.ipynb #93450de7
 def shard_sizes(n:int, # items in a batch

@@ -142,7 +142,7 @@ def explain_command(package, # a package folder
                     out=None, # the Grad-CAM picture to write (PNG); default: IMAGE's name + '.gradcam.png'
                     trusted_keys=None) -> dict: # Ed25519 public keys (or .pub files) the package must be signed by
     "What `bigmodel-nb explain PACKAGE IMAGE` does: print the top-k labels, write the Grad-CAM picture; the `explain` result"
-    from bigmodel_nb.cli import read_images
+    from bigmodel_nb.deploy import read_images
     from bigmodel_nb.deploy import load_package
     x, batch = read_images(image, load_package(package, trusted_keys=trusted_keys).shape)
     if batch and len(x) != 1: raise ValueError(f"{image}: holds {len(x)} images; explain takes one")

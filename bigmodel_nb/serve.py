@@ -25,8 +25,8 @@ __all__ = ['V2_DATATYPES', 'LATENCY_BUCKETS', 'INFER_REQUEST_SCHEMA', 'GENERATE_
            'InferError', 'decode_tensor', 'parse_infer_request', 'infer_response', 'Batcher', 'DriftMonitor',
            'ServerMetrics', 'sample_next', 'GenerationScheduler', 'ModelVersion', 'ModelRepository', 'create_app',
            'ServerThread', 'V2Client', 'metric_samples', 'histogram_from_metrics', 'plot_serving', 'measure_generation',
-           'triton_config', 'check_triton_config', 'export_triton', 'app_from_env', 'serve_command', 'free_port',
-           'serve_process', 'step_serve']
+           'triton_config', 'check_triton_config', 'export_triton', 'app_from_env', 'serve_command', 'serve_process',
+           'step_serve']
 
 # %% ../nbs/09_serving.ipynb #beed22fc
 V2_DATATYPES = {'BOOL': np.bool_, 'UINT8': np.uint8, 'UINT16': np.uint16, 'UINT32': np.uint32, 'UINT64': np.uint64,
@@ -929,9 +929,7 @@ def serve_command(package_or_repo, # a package folder, or a repository REPO/<nam
     return 0
 
 # %% ../nbs/09_serving.ipynb #4c6e3234
-def free_port(host:str='127.0.0.1') -> int:
-    "A TCP port that is free now."
-    with socket.socket() as s: s.bind((host, 0)); return s.getsockname()[1]
+from .concepts import free_port
 
 def serve_process(source, port:int|None=None, timeout:float=90.0, **options) -> tuple:
     "Start `serve_command(source, port=port, **options)` in a new Python process; once it is ready, `(process, url)`."
