@@ -318,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_lifecycle(a): lifecycle(a.out, quick=a.quick, seed=a.seed, epochs=a.epochs, data_path=a.data)
 
 def _cmd_verify(a):
-    from bigmodel_nb.deploy import verify_package, load_public_key, key_id
+    from bigmodel_nb.deploy import verify_package, load_public_key
     if a.trusted: verify_package(a.package, trusted_keys=[load_public_key(k) for k in a.trusted])
     s = package_summary(a.package)
     if a.trusted: s['signed_by_trusted_key'] = True
