@@ -16,7 +16,7 @@ here_ok() {  # the installed package is this checkout's (checked from outside it
   (cd / && REPO="$OLDPWD" $PY - <<'PY' 2>/dev/null
 import os, pathlib, bigmodel_nb, torch, torchvision, onnxruntime, onnxscript, safetensors, fastprogress
 import nbdev, pytest, hypothesis, playwright, sphinx, myst_nb, sphinx_book_theme, fastapi, uvicorn, prometheus_client, httpx
-import cryptography, captum, torchmetrics, tritonclient.http, schemathesis, orjson, uvloop, httptools
+import cryptography, captum, torchmetrics, tritonclient.http, schemathesis, orjson, uvloop, httptools, peft
 assert pathlib.Path(bigmodel_nb.__file__).resolve().parent == pathlib.Path(os.environ['REPO'], 'bigmodel_nb').resolve()
 PY
   )
