@@ -299,9 +299,10 @@ class SelfAttention(nn.Module):
                 key_padding_mask=None, # (B, T) bool, True where a token is padding
                 cache=None): # a `LayerCache`: attend to its keys and values too, and add this call's
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # each (B, H, T, d/H)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, d/H)
         pos = cache.n if cache is not None else 0
-        if self.rotary is not None: q, k = self.rotary(q, pos), self.rotary(k, pos)
+        if self.rotary is not None: (q, k), v = self.rotary(qkv[:2], pos), qkv[2]  # queries and keys rotated in one call
+        else: q, k, v = qkv
         if cache is not None: k, v = cache.add(k, v)
         S = k.shape[-2]
         mask, causal = _padding_to_allowed(key_padding_mask, B, S), self.causal

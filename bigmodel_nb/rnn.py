@@ -288,7 +288,7 @@ def _ids_of(data, tokenizer=None):
 @torch.no_grad()
 def evaluate_lm(model:nn.Module, # maps (B, T) ids to (B, T, V) logits; with `step(ids, state)` it is read as one stream
                 data, # a `TextSplit` (its whole validation text), a string (with `tokenizer`) or 1-D token ids
-                context:int=None, # the window of a fixed-context model; None: a recurrent model's state carries everything
+                context:int=None, # the window of a fixed-context model; None: its `cfg.n_ctx` if it has one, else a recurrent model's state carries everything
                 stride:int=None, # fixed context: new characters scored per window; default `context // 2`
                 chunk:int=1000, # recurrent: characters fed per call
                 tokenizer=None, # for a string `data`
@@ -297,6 +297,7 @@ def evaluate_lm(model:nn.Module, # maps (B, T) ids to (B, T, V) logits; with `st
     ids = _ids_of(data, tokenizer)
     if len(ids) < 2: raise ValueError(f"evaluate_lm: need at least 2 tokens, got {len(ids)}")
     dev = next(model.parameters()).device; was = model.training; model.eval()
+    context = context or getattr(getattr(model, 'cfg', None), 'n_ctx', None)
     try:
         if context is None:
             if not hasattr(model, 'step'): raise ValueError(f"evaluate_lm: {type(model).__name__} has no step(ids, state); pass context=<its window>")
@@ -356,7 +357,7 @@ def train_lm(model:nn.Module, # maps (B, T) ids to (B, T, V) logits
     return model, row, val.rows
 
 # %% ../nbs/04_rnn.ipynb #4f8a5c90
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping: a token's forward is small, so overheads count
 def generate(model:nn.Module, # maps (B, T) ids to (B, T, V) logits; with `step(ids, state)` the state is carried
              tokenizer, # encodes the prompt and decodes the result (`CharTokenizer`)
              prompt:str, # text to continue; every character must be in the vocabulary
@@ -367,6 +368,7 @@ def generate(model:nn.Module, # maps (B, T) ids to (B, T, V) logits; with `step(
              context:int=None) -> str: # a fixed-context model's window; default `model.cfg.n_ctx` if it has one
     "The prompt followed by `n` sampled characters"
     if not temperature > 0: raise ValueError(f"temperature must be > 0, got {temperature}; use a small value such as 0.1 for nearly greedy sampling")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1): raise ValueError(f"top_k must be an integer ≥ 1 (or None for all characters), got {top_k!r}")
     if not prompt: raise ValueError("prompt is empty: give at least one character to start from")
     missing = sorted(set(prompt) - set(tokenizer.vocab))
     if missing: raise ValueError(f"prompt has characters outside the vocabulary: {''.join(missing)!r} ({len(missing)}); remove or replace them")
