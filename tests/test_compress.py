@@ -222,3 +222,20 @@ def test_check_goals_picks_the_int8_model_to_ship(goal_rows):
 def test_check_goals_needs_latencies(goal_rows):
     untimed = [{k: v for k, v in r.items() if not k.startswith('s_b')} for r in goal_rows]
     with pytest.raises(ValueError, match='time_rows'): check_goals(untimed)
+
+
+def test_distilled_student_row(tmp_path):
+    "The compression table's distilled-student row (chapter 06): measured like the others, sized against the fp32 teacher, ignored by the goals"
+    from bigmodel_nb.cnn import get_trained_cnn
+    from bigmodel_nb.concepts import count_parameters
+    from bigmodel_nb.pretrain import get_student
+    fdls = image_dataloaders('fashion_mnist', valid_pct=0.0, seed=0, limit=600, verbose=False)
+    teacher, student = get_trained_cnn(quick=True, verbose=False), get_student(quick=True, verbose=False)
+    assert count_parameters(student) <= count_parameters(teacher) / 10
+    rows = [measure('fp32', teacher, save_torch(teacher, tmp_path/'fp32.pt'), fdls.test),
+            measure('distilled student', student, save_torch(student, tmp_path/'student.pt'), fdls.test, kind='distilled')]
+    time_rows(rows, [teacher, student], fdls.test.x[:64], repeats=1, rounds=1)
+    add_ratios(rows)
+    assert rows[1]['ratio'] < 0.15 and rows[1]['delta'] == pytest.approx(100 * (rows[1]['accuracy'] - rows[0]['accuracy']))
+    assert check_goals(rows) == dict(int8=None, pruned=None)  # a distilled row is neither an INT8 nor a pruned candidate
+    assert 'distilled student' in compression_table(rows)
