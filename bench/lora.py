@@ -5,10 +5,11 @@ Othello, Julius Caesar; none of them in the pretraining text) a 64-character pas
 from separate contiguous blocks of each play; every test passage scored. Each fine-tuning run: `fine_tune`, 100
 AdamW steps of 16 passages, cosine schedule, k labelled passages per class drawn with the run's seed.
 
-The pretrained models are the cached ones (`get_pretrained`: the chapter 05 `gpt` recipe's architecture, 300 s each,
-masked LM for the encoder, next character for the GPT); absent, they are trained first (300 s each).
+The pretrained models are the cached ones (`get_pretrained`: the chapter 05 `gpt` recipe's architecture, 200 s each,
+masked LM for the encoder, next character for the GPT); absent, they are trained first (200 s each).
 
-Two parts, each short enough for one exclusive hold of the CPU, each adding its rows to bench/results/lora.json:
+Two parts, each short enough for one exclusive hold of the CPU, each adding its rows to bench/results/lora.json
+(`python bench/lora.py` runs both, one after the other):
   python bench/lora.py --part gain     masked-LM encoder, GPT and from scratch, full fine-tuning, k = 8 and 32, 3 seeds
   python bench/lora.py --part params   from the masked-LM encoder at k = 32: a linear head, LoRA r = 1, 2, 4, 8, 16
 Prints the Markdown of every row measured so far (medians over seeds, min..max), writes bench/results/lora.md, and ends
@@ -25,12 +26,12 @@ from bigmodel_nb.data import shakespeare_split
 from bigmodel_nb.finetune import finetune_rows, get_pretrained, mlm_encoder, play_passages, summarize
 
 STORE = RESULTS / 'lora.json'
-SECONDS = 300
+SECONDS = 200
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--part', choices=['gain', 'params'], required=True)
+    ap.add_argument('--part', choices=['gain', 'params', 'all'], default='all')
     ap.add_argument('--threads', type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -40,15 +41,15 @@ def main():
     pre = {kind: get_pretrained(kind, split, SECONDS) for kind in ('mlm', 'gpt')}
     data = play_passages(split.tokenizer)
     t0 = time.perf_counter()
-    if a.part == 'gain':
-        rows = finetune_rows({'masked LM': pre['mlm'], 'GPT': pre['gpt'], 'from scratch': mlm_encoder(V, seed=0)}, data, ks=(8, 32))
-    else:
-        rows = finetune_rows({'masked LM': pre['mlm']}, data, ks=(32,), methods=[('linear', None)] + [('lora', r) for r in (1, 2, 4, 8, 16)])
+    rows = []
+    if a.part in ('gain', 'all'):
+        rows += finetune_rows({'masked LM': pre['mlm'], 'GPT': pre['gpt'], 'from scratch': mlm_encoder(V, seed=0)}, data, ks=(8, 32))
+    if a.part in ('params', 'all'):
+        rows += finetune_rows({'masked LM': pre['mlm']}, data, ks=(32,), methods=[('linear', None)] + [('lora', r) for r in (1, 2, 4, 8, 16)])
     print(f"part {a.part}: {len(rows)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
     store = json.loads(STORE.read_text()) if STORE.is_file() else {'rows': []}
     names = {(r['model'], r['k']) for r in rows}
     store['rows'] = [r for r in store['rows'] if (r['model'], r['k']) not in names] + [dict(r, machine=machine_info()) for r in rows]
-    order = {'gain': 0, 'params': 1}
     store['summary'] = summarize(store['rows'])
     store['pretrained'] = {k: {f: m.info.get(f) for f in ('model', 'params', 'train_seconds', 'steps', 'valid_masked_nats',
                                                           'valid_masked_accuracy', 'valid_nats', 'machine')} for k, m in pre.items()}
