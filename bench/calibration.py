@@ -3,8 +3,9 @@
 The CNN chapter's strong CNN (`get_trained_cnn()`, trained on all 60,000 training images with label smoothing) on the
 10,000 test images: the maps are fitted on a stratified half (`calibration_split`, seed 0) and every figure comes from the
 other half. Side by side: the softmax; temperature scaling (one T, fitted by NLL); temperature scaling followed by
-top-label Platt scaling (two numbers, fitted by NLL; reached by a per-image temperature, so no label changes); and, for
-a temperature per predicted class (ten numbers, fitted by NLL; labels kept); and, for
+top-label Platt scaling (two numbers, fitted by NLL; reached by a per-image temperature, so no label changes);
+temperature scaling followed by top-label beta calibration (Kull et al. 2017: three numbers, monotone, fitted by NLL,
+reached the same way); a temperature per predicted class (ten numbers, fitted by NLL; labels kept); and, for
 reference, vector scaling (a weight and a bias per class, fitted by NLL), which may change labels. Also: the mean ECE
 of a perfectly calibrated model on the same number of images (labels drawn from the calibrated probabilities), and the
 same maps fitted on the other half (the halves swapped).
@@ -49,10 +50,11 @@ def classwise_temperature(logits, y):
 
 def rows_for(logits, y, fit, ev):
     T = fit_temperature(logits[fit], y[fit])
-    a, b = fit_top_label(temperature_scale(logits[fit], T), y[fit])
+    platt, beta = (fit_top_label(temperature_scale(logits[fit], T), y[fit], kind) for kind in ('platt', 'beta'))
     vs = vector_scaling(logits[fit], y[fit])
     maps = {'softmax (uncalibrated)': logits[ev].softmax(-1), f'temperature scaling (T = {T:.3f})': temperature_scale(logits[ev], T),
-            f'temperature + top-label Platt (a = {a:.3f}, b = {b:.3f})': top_label_scale(logits[ev], a, b, T),
+            'temperature + top-label Platt (a = {:.3f}, b = {:.3f})'.format(*platt.params): top_label_scale(logits[ev], platt, T),
+            'temperature + top-label beta (a = {:.3f}, b = {:.3f}, m = {:.3f})'.format(*beta.params): top_label_scale(logits[ev], beta, T),
             'temperature per predicted class (10 parameters)': classwise_temperature(logits[fit], y[fit])(logits[ev]),
             'vector scaling (20 parameters; labels may change)': vs(logits[ev])}
     base = logits[ev].argmax(-1)

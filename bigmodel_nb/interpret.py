@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['EPSILONS', 'PixelModel', 'grad_cam', 'explain', 'plot_explanation', 'explain_command', 'reliability', 'ece',
-           'calibration_metrics', 'calibration_split', 'temperature_scale', 'fit_temperature', 'fit_top_label',
-           'top_label_scale', 'ece_floor', 'plot_reliability', 'gradient_map', 'smoothgrad', 'integrated_gradients',
-           'attribution_maps', 'rank_correlation', 'randomized_copy', 'deletion_curve', 'pgd', 'fgsm', 'to_uint8',
-           'attack_accuracy', 'robustness_rows', 'AdversarialTraining', 'RobustRecipe', 'train_robust_cnn',
-           'robust_cnn_path', 'get_robust_cnn', 'fuzz_predictor', 'step_calibrate', 'step_attack']
+           'calibration_metrics', 'calibration_split', 'temperature_scale', 'fit_temperature', 'TopLabelMap',
+           'fit_top_label', 'top_label_scale', 'ece_floor', 'plot_reliability', 'gradient_map', 'smoothgrad',
+           'integrated_gradients', 'attribution_maps', 'rank_correlation', 'randomized_copy', 'deletion_curve', 'pgd',
+           'fgsm', 'to_uint8', 'attack_accuracy', 'robustness_rows', 'AdversarialTraining', 'RobustRecipe',
+           'train_robust_cnn', 'robust_cnn_path', 'get_robust_cnn', 'fuzz_predictor', 'step_calibrate', 'step_attack']
 
 # %% ../nbs/10_inference.ipynb #c24275dd
 from .concepts import machine_info, markdown_table, torch_threads, atomic_write
@@ -218,29 +218,46 @@ def fit_temperature(logits, # held-out logits (N, classes)
     return float(log_t.detach().exp())
 
 # %% ../nbs/10_inference.ipynb #5f6c5a75
+@dataclass
+class TopLabelMap:
+    "A monotone map of the top-label confidence c, fitted by `fit_top_label`."
+    kind:str # 'platt': σ(a·logit(c) + b); 'beta': σ(a·ln c − b·ln(1 − c) + m) with a, b ≥ 0
+    params:tuple # (a, b) or (a, b, m)
+
+    def __call__(self, conf): # top-label confidences in (0, 1)
+        c = torch.as_tensor(conf, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        return torch.sigmoid(_top_label_logit(self.kind, torch.as_tensor(self.params, dtype=torch.float64), c))
+
+def _top_label_logit(kind, w, c):
+    "The map's logit at confidences `c` for raw parameters `w` (beta's a, b are used as given: ≥ 0 after fitting)"
+    if kind == 'platt': return w[0] * torch.logit(c) + w[1]
+    return w[0] * c.log() - w[1] * torch.log1p(-c) + w[2]
+
 def fit_top_label(probs, # held-out probabilities (N, classes), e.g. temperature-scaled
-                  y) -> tuple: # their labels
-    "Platt scaling of the top-label confidence: `(a, b)` minimizing the NLL of σ(a·logit(conf) + b) for 'top label is right'"
+                  y, # their labels
+                  kind:str='platt') -> TopLabelMap: # 'platt' (2 numbers) or 'beta' (3 numbers, monotone)
+    "The top-label map of that kind minimizing the NLL of 'the top label is right' (L-BFGS)"
+    if kind not in ('platt', 'beta'): raise ValueError(f"kind must be 'platt' or 'beta', got {kind!r}")
     probs, y = _check_probs(probs, y)
     conf, pred = probs.max(-1)
-    z, right = torch.logit(conf.clamp(1e-9, 1 - 1e-9)), (pred == y).double()
-    w = torch.tensor([1., 0.], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=200, line_search_fn='strong_wolfe')
+    c, right = conf.clamp(1e-12, 1 - 1e-12), (pred == y).double()
+    w = torch.tensor([1., 0.] if kind == 'platt' else [0.5413, 0.5413, 0.], dtype=torch.float64, requires_grad=True)  # softplus(0.5413) = 1
+    real = lambda w: w if kind == 'platt' else torch.cat([F.softplus(w[:2]), w[2:]])  # beta: a, b = softplus(.) ≥ 0
+    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=300, line_search_fn='strong_wolfe')
     def closure():
-        opt.zero_grad(); loss = F.binary_cross_entropy_with_logits(w[0] * z + w[1], right); loss.backward(); return loss
+        opt.zero_grad(); loss = F.binary_cross_entropy_with_logits(_top_label_logit(kind, real(w), c), right); loss.backward(); return loss
     opt.step(closure)
-    return float(w[0].detach()), float(w[1].detach())
+    return TopLabelMap(kind, tuple(float(v) for v in real(w.detach())))
 
 # %% ../nbs/10_inference.ipynb #6ea61b5b
 def top_label_scale(logits, # logits (N, classes)
-                    a:float, b:float, # from `fit_top_label`
+                    top_map:TopLabelMap, # from `fit_top_label`
                     temperature:float=1., # applied first (the map was fitted on these probabilities)
                     iters:int=60) -> torch.Tensor: # bisection steps on log T
-    "Probabilities whose top confidence is σ(a·logit(conf) + b), reached by a per-image temperature (labels unchanged)"
+    "Probabilities whose top confidence is `top_map(conf)`, reached by a per-image temperature (labels unchanged)"
     z = torch.as_tensor(logits, dtype=torch.float64) / temperature
     conf = z.softmax(-1).max(-1).values
-    k = z.shape[-1]
-    target = torch.sigmoid(a * torch.logit(conf.clamp(1e-9, 1 - 1e-9)) + b).clamp(1 / k + 1e-6, 1 - 1e-9)
+    target = top_map(conf).clamp(1 / z.shape[-1] + 1e-6, 1 - 1e-9)
     lo, hi = torch.full_like(conf, -8.), torch.full_like(conf, 8.)  # log T in [-8, 8]
     for _ in range(iters):
         mid = (lo + hi) / 2

@@ -13,7 +13,7 @@ from bigmodel_nb.interpret import (AdversarialTraining, PixelModel, attack_accur
                                    deletion_curve, ece, explain, explain_command, fgsm, fit_temperature, fit_top_label,
                                    fuzz_predictor, grad_cam, gradient_map, integrated_gradients, rank_correlation,
                                    randomized_copy, reliability, smoothgrad, step_attack, step_calibrate, temperature_scale,
-                                   to_uint8, top_label_scale, pgd)
+                                   to_uint8, top_label_scale, TopLabelMap, pgd)
 from bigmodel_nb.learner import Learner
 
 torch.set_num_threads(1)
@@ -170,16 +170,35 @@ def test_temperature_bad(t):
     with pytest.raises(ValueError, match='temperature must be a finite number > 0'): temperature_scale(torch.zeros(2, 3), t)
 
 
-def test_top_label_scale_keeps_labels_and_hits_target():
+@pytest.mark.parametrize('kind', ['platt', 'beta'])
+def test_top_label_scale_keeps_labels_and_hits_target(kind):
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2000, 10, generator=g) * 3
     y = torch.multinomial((z / 1.5).softmax(-1), 1, generator=g)[:, 0]
-    a, b = fit_top_label(z.softmax(-1), y)
-    q = top_label_scale(z, a, b)
+    m = fit_top_label(z.softmax(-1), y, kind)
+    q = top_label_scale(z, m)
     assert (q.argmax(-1) == z.argmax(-1)).all()
     conf = z.double().softmax(-1).max(-1).values
-    want = torch.sigmoid(a * torch.logit(conf) + b).clamp(min=0.1 + 1e-6)
-    torch.testing.assert_close(q.max(-1).values, want, atol=1e-9, rtol=0)
+    a, b, *rest = m.params
+    want = torch.sigmoid(a * torch.logit(conf) + b if kind == 'platt' else a * conf.log() - b * (1 - conf).log() + rest[0])
+    torch.testing.assert_close(q.max(-1).values, want.clamp(min=0.1 + 1e-6), atol=1e-9, rtol=0)
+    assert calibration_metrics(q, y)['nll'] < calibration_metrics(z.softmax(-1), y)['nll']  # the fit helps on its own data
+
+
+def test_beta_fit_is_the_nll_minimum():
+    "The fitted beta map's NLL is below that of nearby parameters (a, b kept ≥ 0)."
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(3000, 10, generator=g) * 2
+    y = torch.multinomial((z / 0.7).softmax(-1), 1, generator=g)[:, 0]
+    m = fit_top_label(z.softmax(-1), y, 'beta')
+    conf, pred = z.double().softmax(-1).max(-1)
+    nll = lambda params: float(F.binary_cross_entropy(TopLabelMap('beta', params)(conf), (pred == y).double()))
+    best = nll(m.params)
+    for i in range(3):
+        for d in (-0.05, 0.05):
+            p = list(m.params); p[i] = max(p[i] + d, 0.) if i < 2 else p[i] + d
+            assert best <= nll(tuple(p)) + 1e-12
 
 
 def test_calibration_split_stratified():
