@@ -258,35 +258,35 @@ def _cuda_sync_bn(L):
 
 # %% ../nbs/02a_distributed.ipynb #21db4144
 @patch
-def before_train(self:DistributedCB): self.learn.model, self._n = self.ddp, []
+def before_train(self:DistributedCB): self.learn.model = self.ddp
 @patch
 def before_backward(self:DistributedCB):
     self._raw, w = self.learn.loss, self.learn.data.train.weight
     if w != 1: self.learn.loss = self._raw * w
 @patch
 def after_backward(self:DistributedCB): self.learn.loss = self._raw
-@patch
-def after_batch(self:DistributedCB):
-    if self.learn.training: self._n.append(len(self.learn.yb))
 
 # %% ../nbs/02a_distributed.ipynb #147919e6
 @patch
 def after_train(self:DistributedCB):
-    L, rec = self.learn, self.learn.recorder
+    "Every training batch's loss becomes the mean over all ranks' shares of it, weighted by their sizes (the Recorder's `batches`)."
+    L, b = self.learn, self.learn.recorder.batches
     L.model = self.ddp.module
-    if not rec._tl: return
-    n = torch.tensor(self._n[:len(rec._tl)], dtype=torch.float64)  # a batch cut by a later callback was not recorded
-    t = torch.stack([torch.stack(rec._tl).double().cpu() * n, n])
+    if not b.train_losses: return
+    n = torch.tensor(b.train_sizes, dtype=torch.float64)
+    t = torch.stack([torch.stack(b.train_losses).double().cpu() * n, n])
     dist.all_reduce(t)
-    rec._tl = list((t[0] / t[1]).float().unbind())
+    b.train_losses = list((t[0] / t[1]).float().unbind())
+
+_VALID_PARTS = ('valid_losses', 'valid_sizes', 'preds', 'targets')
 
 @patch
 def after_validate(self:DistributedCB):
-    rec = self.learn.recorder
-    mine = [rec._vl, rec._bs, rec._p, rec._y]
-    mine = [[v.cpu() if isinstance(v, Tensor) else v for v in part] for part in mine]
+    "Every rank's validation batches, gathered into every rank's Recorder, so the epoch's metrics cover the whole split."
+    b = self.learn.recorder.batches
+    mine = [[v.cpu() if isinstance(v, Tensor) else v for v in getattr(b, k)] for k in _VALID_PARTS]
     every = [None] * self.world; dist.all_gather_object(every, mine)
-    rec._vl, rec._bs, rec._p, rec._y = [[v for r in every for v in r[i]] for i in range(4)]
+    for i, k in enumerate(_VALID_PARTS): setattr(b, k, [v for r in every for v in r[i]])
 
 # %% ../nbs/02a_distributed.ipynb #b50d9241
 @patch

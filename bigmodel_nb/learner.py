@@ -7,6 +7,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/training.html.md"""
 # %% ../nbs/02_training.ipynb #4c3011b2
 from __future__ import annotations
 import contextlib, json, math, random, re, sys, time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,9 +26,9 @@ from .concepts import atomic_write, default_device, markdown_table
 __all__ = ['events', 'schedules', 'digits_cnn', 'seed_fit', 'accuracy_on', 'CancelFitException', 'CancelEpochException',
            'CancelTrainException', 'CancelValidateException', 'CancelBatchException', 'CancelBackwardException',
            'CancelStepException', 'Callback', 'Learner', 'accuracy', 'confusion_matrix', 'precision', 'recall',
-           'f1_score', 'perplexity', 'lm_loss', 'bits_per_char', 'plot_confusion_matrix', 'Recorder', 'ProgressCB',
-           'StopAfter', 'sched_one_cycle', 'sched_cos', 'LRSchedule', 'TimeBudget', 'evaluate', 'ValidateEvery',
-           'EarlyStopping', 'GradientClip', 'MixedPrecision', 'Checkpoint']
+           'f1_score', 'perplexity', 'lm_loss', 'bits_per_char', 'plot_confusion_matrix', 'EpochBatches', 'Recorder',
+           'ProgressCB', 'StopAfter', 'sched_one_cycle', 'sched_cos', 'LRSchedule', 'TimeBudget', 'evaluate',
+           'ValidateEvery', 'EarlyStopping', 'GradientClip', 'MixedPrecision', 'Checkpoint']
 
 # %% ../nbs/02_training.ipynb #6461e22a
 def digits_cnn(c_in:int=1, # input channels
@@ -388,39 +389,47 @@ def _metric_name(m):
 def _fmt(v): return f'{v:.6f}' if isinstance(v, float) else str(v)
 
 # %% ../nbs/02_training.ipynb #67ab913c
+@dataclass
+class EpochBatches:
+    "One epoch's batches as a `Recorder` collects them; its `after_epoch` sums them up into the epoch's row."
+    train_losses:list = field(default_factory=list) # each training batch's loss (a 0-d tensor)
+    train_sizes:list = field(default_factory=list) # its number of samples
+    lrs:list = field(default_factory=list) # the learning rate it was taken with
+    valid_losses:list = field(default_factory=list) # each validation batch's loss
+    valid_sizes:list = field(default_factory=list) # its number of samples
+    preds:list = field(default_factory=list) # its predictions (kept when the learner has metrics)
+    targets:list = field(default_factory=list) # its targets
+
 class Recorder(Callback):
     "Record losses, learning rates and metrics; one row of `log` per epoch."
     order = -10  # its `after_epoch` runs first, so later callbacks see the new row
 
-    def __init__(self): self.log, self.losses, self.lrs = [], [], []
+    def __init__(self): self.log, self.losses, self.lrs, self.batches = [], [], [], EpochBatches()
 
     def before_fit(self):
         self.log, self.losses, self.lrs = [], [], []
         self.metric_names = [_metric_name(m) for m in self.learn.metrics]
 
-    def before_epoch(self):
-        self._t0, self._tl, self._lr, self._vl, self._bs, self._p, self._y = time.perf_counter(), [], [], [], [], [], []
+    def before_epoch(self): self._t0, self.batches = time.perf_counter(), EpochBatches()  # a callback may combine `batches` before `after_epoch` (the distributed chapter's gathers them across processes)
 
     def after_batch(self):
-        L = self.learn
+        L, b = self.learn, self.batches
         if not hasattr(L, 'loss'): return
-        if L.training:
-            self._tl.append(L.loss.detach())
-            self._lr.append(L.opt.param_groups[0]['lr'])
+        if L.training: b.train_losses.append(L.loss.detach()); b.train_sizes.append(len(L.yb)); b.lrs.append(L.opt.param_groups[0]['lr'])
         else:
-            self._vl.append(L.loss.detach()); self._bs.append(len(L.yb))
-            if L.metrics: self._p.append(L.pred.detach()); self._y.append(L.yb)
+            b.valid_losses.append(L.loss.detach()); b.valid_sizes.append(len(L.yb))
+            if L.metrics: b.preds.append(L.pred.detach()); b.targets.append(L.yb)
 
     def after_epoch(self):
-        L, row = self.learn, {'epoch': self.learn.epoch}
-        tl = torch.stack(self._tl).float().cpu() if self._tl else torch.zeros(0)
-        self.losses += tl.tolist(); self.lrs += self._lr
+        L, b, row = self.learn, self.batches, {'epoch': self.learn.epoch}
+        tl = torch.stack(b.train_losses).float().cpu() if b.train_losses else torch.zeros(0)
+        self.losses += tl.tolist(); self.lrs += b.lrs
         row['train_loss'] = tl.mean().item() if len(tl) else float('nan')
-        if self._vl:
-            bs = torch.tensor(self._bs, dtype=torch.float)
-            row['valid_loss'] = (torch.stack(self._vl).float().cpu() @ bs / bs.sum()).item()
-            if self._p:
-                p, y = torch.cat(self._p).float(), torch.cat(self._y)
+        if b.valid_losses:
+            bs = torch.tensor(b.valid_sizes, dtype=torch.float)
+            row['valid_loss'] = (torch.stack(b.valid_losses).float().cpu() @ bs / bs.sum()).item()
+            if b.preds:
+                p, y = torch.cat(b.preds).float(), torch.cat(b.targets)
                 for n, m in zip(self.metric_names, L.metrics): row[n] = float(m(p, y))
         row['time'] = time.perf_counter() - self._t0
         self.log.append(row)
