@@ -36,6 +36,7 @@ def main():
     ap.add_argument('--k', type=int, nargs='+', default=[10, 100])
     ap.add_argument('--arms', nargs='+', default=list(FINE_TUNE_ARMS))
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: the runtime setting)')
+    ap.add_argument('--out', default='pretrain', help='results name: bench/results/NAME.md (to run arms in separate processes)')
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     recipe = replace(PretrainRecipe(), objective=a.objective)
@@ -71,7 +72,7 @@ def main():
             f"Goal: with 10 labels per class, {GOAL_ARM} of the pretrained network >= scratch + {GOAL_POINTS} points (medians over 3 seeds): "
             + ('not measured' if gain is None else f"{gain:+.2f} points (paired per seed: {', '.join(f'{p:+.2f}' for p in paired)}) — "
                f"{'MET' if gain >= GOAL_POINTS else 'NOT met'}") + '\n')
-    write_results('pretrain', 'Pretraining benchmark: SimCLR on the conv stages, few-label fine-tuning', body)
+    write_results(a.out, 'Pretraining benchmark: SimCLR on the conv stages, few-label fine-tuning', body)
     print(f"pretrain gain: {gain:.2f}" if gain is not None else "pretrain gain: n/a")
 
 
