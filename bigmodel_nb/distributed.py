@@ -18,7 +18,7 @@ from fastcore.basics import patch
 
 from .concepts import machine_info, markdown_table, training_memory, human_bytes, human_count, torch_threads
 from .data import TensorLoader, TextWindowLoader
-from .learner import Learner, Callback, ProgressCB, Checkpoint, TimeBudget, accuracy
+from .learner import Learner, Callback, ProgressCB, Checkpoint, TimeBudget, ValidateEvery, accuracy
 
 # %% auto #0
 __all__ = ['SHARDED', 'rank', 'world_size', 'is_main', 'init_distributed', 'shard_sizes', 'ShardedLoader', 'SyncBatchNorm',
@@ -248,6 +248,9 @@ def before_fit(self:DistributedCB):
         ids = [L.device.index] if L.device.type == 'cuda' else None
         self.ddp = nn.parallel.DistributedDataParallel(L.model, device_ids=ids, **self.ddp_kwargs)
     self.budgets = [c for c in L.cbs if isinstance(c, TimeBudget)]
+    self.validators = [c for c in L.cbs if isinstance(c, ValidateEvery)]
+    self.own_dl = [v for v in self.validators if v.dl is None]
+    for v in self.own_dl: v.dl = self.data.valid  # every rank scores the whole split: the curve is the model's, not a shard's
 
 # %% ../nbs/02a_distributed.ipynb #14e4be32
 def _cuda_sync_bn(L):
@@ -291,16 +294,21 @@ def after_validate(self:DistributedCB):
 # %% ../nbs/02a_distributed.ipynb #b50d9241
 @patch
 def before_batch(self:DistributedCB):
-    if not (self.budgets and self.learn.training): return
-    p = torch.tensor([TimeBudget.progress(b) for b in self.budgets], dtype=torch.float64)  # the clock, not last batch's number
+    if not ((self.budgets or self.validators) and self.learn.training): return
+    p = torch.tensor([TimeBudget.progress(b) for b in self.budgets] + [ValidateEvery.train_seconds(v) for v in self.validators],
+                     dtype=torch.float64)  # rank 0's clocks, not last batch's numbers
     dist.broadcast(p, 0)
-    for b, v in zip(self.budgets, p.tolist()): b.progress = (lambda v=v: v)
+    p = p.tolist()
+    for b, v in zip(self.budgets, p): b.progress = (lambda v=v: v)
+    for c, v in zip(self.validators, p[len(self.budgets):]): c.train_seconds = (lambda v=v: v)
 
 @patch
 def after_fit(self:DistributedCB):
     L = self.learn
     L.model, L.data = self.ddp.module, self.data
     for b in self.budgets: b.__dict__.pop('progress', None)
+    for c in self.validators: c.__dict__.pop('train_seconds', None)
+    for c in self.own_dl: c.dl = None
     if self.sync_bn and L.device.type == 'cpu': sync_batchnorm(L.model, undo=True)
     if self.dropped: L.add_cbs(self.dropped); self.dropped = []
 

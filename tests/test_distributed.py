@@ -14,7 +14,7 @@ from bigmodel_nb.data import TensorLoader, TextWindowLoader, image_dataloaders
 from bigmodel_nb.distributed import (DistributedRunError, ShardedLoader, SyncBatchNorm, free_port, init_distributed,
                                      is_main, launch, notebook_launcher, rank, shard_sizes, sync_batchnorm,
                                      train_command, train_main, world_size)
-from bigmodel_nb.learner import Callback, Checkpoint, Learner, StopAfter, TimeBudget, accuracy, digits_cnn
+from bigmodel_nb.learner import ValidateEvery, Callback, Checkpoint, Learner, StopAfter, TimeBudget, accuracy, digits_cnn
 
 torch.set_num_threads(1)
 
@@ -246,6 +246,20 @@ def _budget_fit():
 def test_time_budget_stops_every_rank_at_the_same_step():
     steps = notebook_launcher(_budget_fit, nproc=2, timeout=20)  # a rank stopping alone would leave the other waiting
     assert steps[0] == steps[1] and 0 < steps[0] < 5 * 21, steps  # 1 s of budget: a few epochs at most, not 50
+
+
+def _validate_every_fit():
+    learn = _learner(_digits(), True)
+    slow = Callback(); slow.after_batch = lambda: time.sleep(0.02 if rank() == 1 else 0)  # rank clocks drift apart
+    ve = ValidateEvery(seconds=0.15)
+    learn.fit(2, cbs=[ve, slow])
+    every = [None] * world_size(); dist.all_gather_object(every, [(r['step'], r['loss'], r['accuracy']) for r in ve.rows])
+    return every
+
+
+def test_validate_every_seconds_validates_at_the_same_steps_on_every_rank():
+    rows = notebook_launcher(_validate_every_fit, nproc=2, timeout=60)  # per-rank clocks would validate at different steps
+    assert rows[0] == rows[1] and len(rows[0]) > 2, rows
 
 
 # --- torchrun ---------------------------------------------------------------------------------------------------
