@@ -78,6 +78,19 @@ def test_quick_lifecycle_ships_a_checked_package_with_int8(quick_run):
     assert pkg['int8_agreement'] >= 0.95 and abs(pkg['int8_predictor_acc'] - pkg['predictor_acc']) <= 0.02
 
 
+def test_quick_lifecycle_distills_calibrates_serves_and_attacks(quick_run):
+    _, run_dir = quick_run
+    m = json.loads((run_dir/'metrics.json').read_text())['results']
+    assert list(m) == ['data', 'train', 'evaluate', 'distill', 'calibrate', 'compress', 'export', 'package', 'serve', 'attack']
+    d, c, s, a = m['distill'], m['calibrate'], m['serve'], m['attack']
+    assert d['param_ratio'] <= 0.1 and d['student_acc'] > 0.5 and (run_dir/'student_package'/'manifest.json').is_file(), d
+    assert c['ece_after'] < c['ece_before'] and m['package']['temperature'] == pytest.approx(c['temperature']), (c, m['package'])
+    assert s['labels_match'] and s['errors'] == 0 and s['images'] == 500 and (run_dir/'serving.md').is_file(), s
+    assert a['attack_images'] == 200 and a['pgd_acc'] <= a['fgsm_acc'] <= a['clean_acc'], a
+    report = (run_dir/'report.md').read_text()
+    assert '![reliability](reliability.png)' in report and '## Serving' in report
+
+
 def test_verify_prints_a_readable_summary_or_json(quick_run, capsys):
     _, run_dir = quick_run
     res = run('verify', str(run_dir/'package'), timeout=300)
