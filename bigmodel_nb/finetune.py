@@ -10,7 +10,7 @@ __all__ = ['PRETRAINED', 'BYLINE', 'PLAYS', 'LORA_TARGETS', 'FT_METHODS', 'bert_
            'play_passages', 'few_shot', 'LoRALinear', 'add_lora', 'merge_lora', 'PassageClassifier', 'fine_tune',
            'finetune_rows', 'summarize']
 
-# %% ../nbs/06a_finetuning.ipynb #64e3326e
+# %% ../nbs/06a_finetuning.ipynb #2ec9a789
 import math, re, json, time, copy
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +22,7 @@ from .learner import Learner, TimeBudget, GradientClip, ValidateEvery, lm_loss, 
 from .attention import Encoder, LM_RECIPES, train_gpt
 from .cnn import load_cnn
 
-# %% ../nbs/06a_finetuning.ipynb #0bc7f70c
+# %% ../nbs/06a_finetuning.ipynb #668eb4a5
 def bert_mask(ids:torch.Tensor, # token ids of the text, any shape, each in 0..vocab_size-1
               vocab_size:int, # tokens of the text's vocabulary (random replacements are drawn from them)
               mask_id:int, # the MASK token: a new id outside the text's vocabulary (e.g. `vocab_size`)
@@ -45,7 +45,7 @@ def bert_mask(ids:torch.Tensor, # token ids of the text, any shape, each in 0..v
     x = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_ids, x)
     return x, torch.where(chosen, ids, torch.full_like(ids, -100))
 
-# %% ../nbs/06a_finetuning.ipynb #b193bd4f
+# %% ../nbs/06a_finetuning.ipynb #302fc821
 class MaskedLMLoader:
     "Batches `(masked windows, labels)` from a loader of `(x, y)` windows: `bert_mask` of each `x`, new masks every epoch (or the same ones, `fixed`)."
     def __init__(self, windows, # yields `(x, y)` batches of token ids (`TextWindowLoader`); `y` is not used
@@ -67,7 +67,7 @@ def masked_accuracy(preds, # logits (B, T, V)
     keep = targs != -100
     return (preds.argmax(-1)[keep] == targs[keep]).float().mean()
 
-# %% ../nbs/06a_finetuning.ipynb #50718ef9
+# %% ../nbs/06a_finetuning.ipynb #9ec41b84
 def mlm_encoder(vocab_size:int, # tokens of the text (MASK is added as id `vocab_size`)
                 recipe='gpt', # a key of `LM_RECIPES` or an `LMRecipe`: the encoder gets the same architecture
                 seed:int=0) -> Encoder: # seed of the initial weights
@@ -102,7 +102,7 @@ def pretrain_mlm(split, # a `TextSplit` (`shakespeare_split()`)
            'valid_masked_accuracy': last['masked_accuracy'], 'machine': machine_info()}
     return model, row, val.rows
 
-# %% ../nbs/06a_finetuning.ipynb #7c015a8e
+# %% ../nbs/06a_finetuning.ipynb #96c0e7f2
 PRETRAINED = {'mlm': 'encoder, masked LM', 'gpt': 'GPT, next character'}
 
 def pretrained_path(kind:str='mlm', # 'mlm' (the encoder) or 'gpt'
@@ -136,7 +136,7 @@ def get_pretrained(kind:str, # 'mlm' or 'gpt'
     save_pretrained(model, path, {**row, 'curve': curve, 'split_chars': len(split.train) + len(split.valid)})
     return load_cnn(path)
 
-# %% ../nbs/06a_finetuning.ipynb #9636492c
+# %% ../nbs/06a_finetuning.ipynb #f9691890
 BYLINE = '\n\nby William Shakespeare\n'
 
 def play_spans(text:str) -> dict: # `load_shakespeare()`: the plays joined, each opening with its title and byline
@@ -148,7 +148,7 @@ def play_spans(text:str) -> dict: # `load_shakespeare()`: the plays joined, each
 
 PLAYS = ('MACBETH', 'ROMEO AND JULIET', 'THE TEMPEST', 'OTHELLO, THE MOOR OF VENICE', 'JULIUS CAESAR')  # none in `shakespeare_split`'s text
 
-# %% ../nbs/06a_finetuning.ipynb #dc8901d6
+# %% ../nbs/06a_finetuning.ipynb #72530d8c
 def play_passages(tokenizer, # a `CharTokenizer`; passages with characters outside it are dropped
                   text:str=None, # `load_shakespeare()`; loaded when None
                   plays=PLAYS, # titles (keys of `play_spans`), one class each
@@ -178,7 +178,7 @@ def play_passages(tokenizer, # a `CharTokenizer`; passages with characters outsi
         setattr(res, f'{k}_x', torch.stack(xs)); setattr(res, f'{k}_y', torch.tensor(ys)); setattr(res, f'{k}_spans', torch.tensor(sp))
     return res
 
-# %% ../nbs/06a_finetuning.ipynb #2e0914cb
+# %% ../nbs/06a_finetuning.ipynb #12f44c3c
 def few_shot(y:torch.Tensor, # labels of the training pool
              k:int, # examples per class
              seed:int=0) -> torch.Tensor: # seed of the draw
@@ -192,7 +192,7 @@ def few_shot(y:torch.Tensor, # labels of the training pool
         idx.append(pool[torch.randperm(len(pool), generator=g)[:k]])
     return torch.cat(idx)
 
-# %% ../nbs/06a_finetuning.ipynb #b71c4bbe
+# %% ../nbs/06a_finetuning.ipynb #2e6cb259
 class LoRALinear(nn.Module):
     "A frozen `nn.Linear` plus a trainable low-rank update: y = W x + b + (alpha/r) B A x, A (r x in), B (out x r) starting at zero."
     def __init__(self, base:nn.Linear, # the layer to adapt (its parameters are frozen)
@@ -226,7 +226,7 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self): return f"rank={self.rank}, alpha={self.alpha:g}"
 
-# %% ../nbs/06a_finetuning.ipynb #c476d92b
+# %% ../nbs/06a_finetuning.ipynb #4891d0e2
 LORA_TARGETS = ('qkv', 'out')  # the attention projections of `attention.SelfAttention`
 
 def add_lora(model:nn.Module, # changed in place
@@ -249,7 +249,7 @@ def merge_lora(model:nn.Module) -> nn.Module: # changed in place
     for parent, name, child in found: setattr(parent, name, child.merged())
     return model
 
-# %% ../nbs/06a_finetuning.ipynb #08c8175a
+# %% ../nbs/06a_finetuning.ipynb #39e55894
 class PassageClassifier(nn.Module):
     "A transformer's hidden states (`attention.hidden`), averaged over the passage, then a linear head to the classes."
     def __init__(self, backbone:nn.Module, # an `Encoder` or `GPT` (pretrained or fresh)
@@ -291,7 +291,7 @@ def fine_tune(backbone:nn.Module, # a pretrained (or fresh) `Encoder`/`GPT`; it 
            'accuracy': res['accuracy'], 'test_passages': len(data.test_y), 'steps': learn.train_iter, 'train_seconds': round(secs, 1)}
     return model.eval(), row
 
-# %% ../nbs/06a_finetuning.ipynb #fbbff53a
+# %% ../nbs/06a_finetuning.ipynb #1d7486ea
 def finetune_rows(backbones:dict, # name -> pretrained (or fresh) backbone
                   data, # from `play_passages`
                   ks=(8, 32), # labelled passages per class
