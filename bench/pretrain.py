@@ -23,7 +23,7 @@ from bigmodel_nb.data import image_dataloaders
 from bigmodel_nb.pretrain import (FINE_TUNE_ARMS, FineTuneRecipe, PretrainRecipe, compare_fine_tuning, fine_tuning_table,
                                   get_pretrained, pretrained_path)
 
-from _results import write_results
+from _results import RESULTS, write_results
 
 GOAL_ARM, GOAL_POINTS = 'full fine-tuning', 8.0
 
@@ -36,6 +36,7 @@ def main():
     ap.add_argument('--k', type=int, nargs='+', default=[10, 100])
     ap.add_argument('--arms', nargs='+', default=list(FINE_TUNE_ARMS))
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: the runtime setting)')
+    ap.add_argument('--rows', nargs='+', default=None, help='rebuild the report from these *_rows.json files')
     ap.add_argument('--out', default='pretrain', help='results name: bench/results/NAME.md (to run arms in separate processes)')
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
@@ -48,13 +49,18 @@ def main():
         net = get_pretrained(recipe, dls=dls, verbose=True)
         print(f"pretrained: {json.dumps({k: v for k, v in net.info.items() if k != 'recipe'})}")
         return
-    net = get_pretrained(recipe, dls=dls, verbose=True)
+    net = get_pretrained(recipe, dls=dls, verbose=not a.rows)
     info = net.info
     t0 = time.perf_counter()
     rows = []
-    for k in a.k:
-        rows += compare_fine_tuning(dls, net, k, tuple(a.seeds), FineTuneRecipe(), {n: FINE_TUNE_ARMS[n] for n in a.arms})
-    secs = time.perf_counter() - t0
+    if a.rows:  # rebuild the report from saved rows (or rows of several processes, merged)
+        for f in a.rows: rows += json.loads(open(f).read())['rows']
+        secs = sum(json.loads(open(f).read())['seconds'] for f in a.rows)
+    else:
+        for k in a.k:
+            rows += compare_fine_tuning(dls, net, k, tuple(a.seeds), FineTuneRecipe(), {n: FINE_TUNE_ARMS[n] for n in a.arms})
+        secs = time.perf_counter() - t0
+        with open(RESULTS / f'{a.out}_rows.json', 'w') as f: json.dump(dict(rows=rows, seconds=secs, machine=machine_info()), f)
     base = {r['labels_per_class']: r for r in rows if r['arm'] == 'scratch'}
     goal = next((r for r in rows if r['arm'] == GOAL_ARM and r['labels_per_class'] == 10), None)
     gain = None if goal is None or 10 not in base else 100 * (goal['median'] - base[10]['median'])
