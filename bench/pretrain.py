@@ -20,7 +20,7 @@ import torch
 
 from bigmodel_nb.concepts import machine_info, markdown_table
 from bigmodel_nb.data import image_dataloaders
-from bigmodel_nb.pretrain import (FINE_TUNE_ARMS, FineTuneRecipe, PretrainRecipe, compare_fine_tuning, fine_tuning_table,
+from bigmodel_nb.pretrain import (median_spread, FINE_TUNE_ARMS, FineTuneRecipe, PretrainRecipe, compare_fine_tuning, fine_tuning_table,
                                   get_pretrained, pretrained_path)
 
 from _results import RESULTS, write_results
@@ -54,7 +54,13 @@ def main():
     t0 = time.perf_counter()
     rows = []
     if a.rows:  # rebuild the report from saved rows (or rows of several processes, merged)
-        for f in a.rows: rows += json.loads(open(f).read())['rows']
+        merged = {}
+        for f in a.rows:
+            for r in json.loads(open(f).read())['rows']:
+                m = merged.setdefault((r['arm'], r['labels_per_class']), dict(r, accs=[]))
+                m['accs'] = m['accs'] + r['accs']
+        rows = [dict(r, runs=len(r['accs']), **median_spread(r['accs'])) for r in merged.values()]
+        rows.sort(key=lambda r: (r['labels_per_class'], list(FINE_TUNE_ARMS).index(r['arm'])))
         secs = sum(json.loads(open(f).read())['seconds'] for f in a.rows)
     else:
         for k in a.k:

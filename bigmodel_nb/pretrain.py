@@ -11,7 +11,7 @@ __all__ = ['FINE_TUNE_ARMS', 'STUDENT', 'DISTILL_RECIPE', 'DISTILL_T', 'DISTILL_
            'compare_fine_tuning', 'fine_tuning_table', 'class_subset', 'transfer_experiment', 'kd_loss', 'Distill',
            'train_student', 'batch1_latency', 'step_distill', 'student_path', 'get_student']
 
-# %% ../nbs/06_pretraining.ipynb #69b45b8e
+# %% ../nbs/06_pretraining.ipynb #e2ec130b
 import copy, json, math, time
 from dataclasses import dataclass, asdict, replace
 from functools import partial
@@ -25,7 +25,7 @@ from .data import image_dataloaders, TensorLoader, DataLoaders, RandomCropFlip, 
 from .learner import Learner, Callback, accuracy, accuracy_on, TimeBudget
 from .cnn import FashionCNN, CNNConfig, CNNRecipe, ConvBN, save_cnn, load_cnn, train_measured
 
-# %% ../nbs/06_pretraining.ipynb #bccbc316
+# %% ../nbs/06_pretraining.ipynb #ba0d750f
 def few_labels(y, # the labels of a split (1-D)
                k:int, # labelled examples per class
                seed:int=0, # seed of the draw
@@ -41,7 +41,7 @@ def few_labels(y, # the labels of a split (1-D)
         out.append(idx[torch.randperm(len(idx), generator=g)[:k]])
     return torch.cat(out).sort().values
 
-# %% ../nbs/06_pretraining.ipynb #0fd25549
+# %% ../nbs/06_pretraining.ipynb #36905570
 @dataclass
 class FineTuneRecipe:
     "How a `FashionCNN` is trained on a few labelled images, from scratch or from a pretrained network"
@@ -60,7 +60,7 @@ class FineTuneRecipe:
         if self.freeze not in ('none', 'probe', 'probe_then_full'):
             raise ValueError(f"FineTuneRecipe.freeze: expected 'none', 'probe' or 'probe_then_full', got {self.freeze!r}")
 
-# %% ../nbs/06_pretraining.ipynb #f7fc2954
+# %% ../nbs/06_pretraining.ipynb #90ec0751
 class FreezeEncoder(Callback):
     "Freeze the model's first `n` modules for the first `pct` of the training steps (their BatchNorm layers in eval mode), then train everything"
     order = -10  # before the other callbacks see the batch
@@ -83,7 +83,7 @@ class FreezeEncoder(Callback):
         if L.training and self.frozen and L.train_iter >= self.unfreeze_at: self._set(False); self.mods.train()
     def after_fit(self): self._set(False)
 
-# %% ../nbs/06_pretraining.ipynb #64cf6a97
+# %% ../nbs/06_pretraining.ipynb #a1e8a351
 def copy_modules(model:nn.Module, # the model to initialize (changed in place)
                  pretrained:nn.Module, # a network of the same layout up to `n`
                  n:int) -> nn.Module: # modules copied: `model[:n]`
@@ -100,7 +100,7 @@ def few_label_data(dls, # Fashion-MNIST `DataLoaders` (normalized `train`, and `
     train = TensorLoader(dls.train.x[idx], dls.train.y[idx], min(r.batch_size, len(idx)), shuffle=True, seed=r.seed, transform=aug, drop_last=True)
     return DataLoaders(train, None, dls.test, classes=dls.classes, mean=dls.mean, std=dls.std)
 
-# %% ../nbs/06_pretraining.ipynb #92f32988
+# %% ../nbs/06_pretraining.ipynb #12b094d1
 def train_few(dls, # Fashion-MNIST `DataLoaders`; the test split scores the model
               idx, # indices of the labelled training images (`few_labels`)
               recipe:FineTuneRecipe=None, # defaults to `FineTuneRecipe()`
@@ -122,7 +122,7 @@ def train_few(dls, # Fashion-MNIST `DataLoaders`; the test split scores the mode
     row['steps'] = learn.train_iter
     return model.eval(), row
 
-# %% ../nbs/06_pretraining.ipynb #769133ea
+# %% ../nbs/06_pretraining.ipynb #5156a81a
 def nt_xent(z1:torch.Tensor, # embeddings of the first views (N, D)
             z2:torch.Tensor, # embeddings of the second views (N, D); row i is the partner of z1's row i
             tau:float=0.5) -> torch.Tensor: # temperature
@@ -134,7 +134,7 @@ def nt_xent(z1:torch.Tensor, # embeddings of the first views (N, D)
     sim = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float('-inf'))
     return F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device))
 
-# %% ../nbs/06_pretraining.ipynb #530dfa4f
+# %% ../nbs/06_pretraining.ipynb #5d9ba21e
 class TwoViews:
     "SimCLR's two random views of each image in a normalized batch: resized crop, flip, brightness and contrast; returns (2B, C, H, W)"
     def __init__(self, mean, # the normalization's mean (one channel: a number or a 1-element tensor)
@@ -164,7 +164,7 @@ class TwoViews:
         return (((p - m) * c + m + b).clamp(0, 1) - self.mean) / self.std
     def __call__(self, x): return torch.cat([self.view(x), self.view(x)])
 
-# %% ../nbs/06_pretraining.ipynb #3feaed13
+# %% ../nbs/06_pretraining.ipynb #cb996141
 class MaskPatches:
     "Hide a random share of each image's p×p patches (set to 0, the training mean after normalization); `mask` holds the last batch's hidden pixels"
     def __init__(self, patch:int=4, # patch side in pixels (divides the image side)
@@ -183,7 +183,7 @@ class MaskPatches:
         m = self.mask.to(y.device)
         return ((pred.view_as(y) - y) ** 2)[m].mean()
 
-# %% ../nbs/06_pretraining.ipynb #9ae9c771
+# %% ../nbs/06_pretraining.ipynb #375d82ef
 class NTXent:
     "`nt_xent` as a `Learner` loss: the prediction holds both views, stacked (2N, D); the labels are ignored"
     def __init__(self, tau:float=0.5): self.tau = tau # temperature
@@ -210,7 +210,7 @@ class PretrainRecipe:
     def __post_init__(self):
         if self.objective not in ('simclr', 'mae'): raise ValueError(f"PretrainRecipe.objective: expected 'simclr' or 'mae', got {self.objective!r}")
 
-# %% ../nbs/06_pretraining.ipynb #75fa540f
+# %% ../nbs/06_pretraining.ipynb #f2e0abda
 def pretrain(dls, # Fashion-MNIST `DataLoaders`; only `train.x` is read (no labels)
              recipe:PretrainRecipe=None, # defaults to `PretrainRecipe()`
              cfg:CNNConfig=None, # the architecture whose conv stages are pretrained; defaults to `CNNConfig()`
@@ -238,7 +238,7 @@ def pretrain(dls, # Fashion-MNIST `DataLoaders`; only `train.x` is read (no labe
                     last_loss=round(float(np.mean(learn.recorder.losses[-20:])), 4), threads=torch.get_num_threads(), machine=machine_info())
     return net.to(memory_format=torch.contiguous_format).eval(), info
 
-# %% ../nbs/06_pretraining.ipynb #12ceceb9
+# %% ../nbs/06_pretraining.ipynb #771a7f9f
 def pretrained_path(recipe:PretrainRecipe, # its objective names the file
                     quick:bool=False) -> Path: # the quick path's file instead
     "Where a pretrained network is kept: the user cache's `models/` folder"
@@ -268,7 +268,7 @@ def get_pretrained(recipe:PretrainRecipe=None, # defaults to `PretrainRecipe()`
     if verbose: print(f"saved {path}: {info['steps']} steps in {info['seconds']} s")
     return net
 
-# %% ../nbs/06_pretraining.ipynb #6e3c6d37
+# %% ../nbs/06_pretraining.ipynb #518d7d87
 def median_spread(values) -> dict: # numbers, one per seed
     "The median, smallest and largest of `values`"
     v = sorted(float(x) for x in values)
@@ -303,7 +303,7 @@ def fine_tuning_table(rows:list) -> str: # from `compare_fine_tuning`
                           dict(labels_per_class='labels / class', median='median test accuracy %', spread='min–max %', gain='gain over scratch, points'),
                           dict(median=lambda v: f"{100 * v:.2f}", gain='+.2f'))
 
-# %% ../nbs/06_pretraining.ipynb #4512cff2
+# %% ../nbs/06_pretraining.ipynb #92a0fa75
 def class_subset(dls, # Fashion-MNIST `DataLoaders`
                  classes) -> DataLoaders: # the classes kept, e.g. `range(5, 10)`; relabelled 0, 1, ... in this order
     "The training and test images of `classes` only, relabelled from 0"
@@ -342,7 +342,7 @@ def transfer_experiment(dls, # Fashion-MNIST `DataLoaders`
         rows.append(dict(arm=name, labels_per_class=k, runs=len(seeds), **median_spread(accs), accs=accs, test_images=row['test_images']))
     return rows, pre_row
 
-# %% ../nbs/06_pretraining.ipynb #c9ab0758
+# %% ../nbs/06_pretraining.ipynb #57bcc98d
 def _check_kd(s, t, T, alpha):
     if not (isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor)) or s.ndim != 2 or s.shape != t.shape:
         raise ValueError(f"kd_loss: student and teacher logits must be tensors of one shape (batch, classes); got {tuple(getattr(s, 'shape', ()))} and {tuple(getattr(t, 'shape', ()))}")
@@ -367,7 +367,7 @@ def kd_loss(student_logits:torch.Tensor, # (N, C)
     ce = F.cross_entropy(s[lab], y[lab], label_smoothing=label_smoothing) if lab.any() else s.sum() * 0.
     return alpha * T * T * kl + (1 - alpha) * ce
 
-# %% ../nbs/06_pretraining.ipynb #a3805cfe
+# %% ../nbs/06_pretraining.ipynb #9ed106dd
 class Distill(Callback):
     "Train the learner's model to match `teacher` (run on the same augmented batch) with `kd_loss`; validation keeps the plain loss"
     order = 5
@@ -409,7 +409,7 @@ class Distill(Callback):
         kd = lambda y: kd_loss(L.pred, self.t_logits, y, self.T, self.alpha, self.ls)
         L.loss = kd(L.yb) if self.lam is None else self.lam * kd(L.yb) + (1 - self.lam) * kd(L.yb[self.perm])
 
-# %% ../nbs/06_pretraining.ipynb #7eac43b4
+# %% ../nbs/06_pretraining.ipynb #f757b259
 STUDENT = CNNConfig(channels=(16, 32, 64), hidden=0)  # the distillation student: under a tenth of `CNNConfig()`'s parameters
 
 def train_student(dls, # Fashion-MNIST `DataLoaders` (normalized `train`, and `test` to score)
@@ -443,7 +443,7 @@ def train_student(dls, # Fashion-MNIST `DataLoaders` (normalized `train`, and `t
     row.update(steps=learn.train_iter, labelled=int((y != -100).sum()), error=1 - row['test_acc'])
     return model.to(memory_format=torch.contiguous_format).eval(), row
 
-# %% ../nbs/06_pretraining.ipynb #f05918bd
+# %% ../nbs/06_pretraining.ipynb #fef4e8bb
 DISTILL_RECIPE = CNNRecipe(epochs=8)  # the student's recipe in `step_distill` (and `bench/distill.py`'s default)
 DISTILL_T, DISTILL_ALPHA = 4.0, 0.9  # its temperature and weight
 QUICK_DISTILL_IMAGES = 3000  # a quick `step_distill` trains one epoch on a stratified subset of this many images
@@ -478,7 +478,7 @@ def step_distill(model:nn.Module, # the trained teacher (normalized input)
         res['student_package'] = 'student_package/'
     return res
 
-# %% ../nbs/06_pretraining.ipynb #6f438c26
+# %% ../nbs/06_pretraining.ipynb #27028487
 def student_path(quick:bool=False) -> Path: # the quick student's file instead
     "Where the distilled student is kept: the user cache's `models/` folder, beside the teacher"
     return cache_dir()/'models'/('fashion_cnn_student_quick.safetensors' if quick else 'fashion_cnn_student.safetensors')
