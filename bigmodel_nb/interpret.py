@@ -18,9 +18,10 @@ import torch.nn.functional as F
 __all__ = ['EPSILONS', 'PixelModel', 'grad_cam', 'explain', 'plot_explanation', 'explain_command', 'reliability', 'ece',
            'calibration_metrics', 'calibration_split', 'temperature_scale', 'fit_temperature', 'TopLabelMap',
            'fit_top_label', 'top_label_scale', 'ece_floor', 'plot_reliability', 'gradient_map', 'smoothgrad',
-           'integrated_gradients', 'attribution_maps', 'rank_correlation', 'randomized_copy', 'deletion_curve', 'pgd',
-           'fgsm', 'to_uint8', 'attack_accuracy', 'robustness_rows', 'AdversarialTraining', 'RobustRecipe',
-           'train_robust_cnn', 'robust_cnn_path', 'get_robust_cnn', 'fuzz_predictor', 'step_calibrate', 'step_attack']
+           'integrated_gradients', 'attribution_maps', 'rank_correlation', 'randomized_copy', 'deletion_curve',
+           'attention_rollout', 'pgd', 'fgsm', 'to_uint8', 'attack_accuracy', 'robustness_rows', 'AdversarialTraining',
+           'RobustRecipe', 'train_robust_cnn', 'robust_cnn_path', 'get_robust_cnn', 'fuzz_predictor', 'step_calibrate',
+           'step_attack']
 
 # %% ../nbs/10_inference.ipynb #c24275dd
 from .concepts import machine_info, markdown_table, torch_threads, atomic_write
@@ -384,6 +385,21 @@ def deletion_curve(model:nn.Module, # a classifier of pixels (eval mode)
         gone = torch.zeros(N, P, dtype=torch.bool).scatter_(1, rank[:, :round(f * P)], True).reshape(N, 1, *x.shape[-2:])
         with torch.no_grad(): accs.append(float((model(torch.where(gone, torch.full_like(x, background), x)).argmax(-1) == y).float().mean()))
     return accs
+
+# %% ../nbs/10_inference.ipynb #54ce5be9
+def attention_rollout(maps:list, # per layer, attention weights (heads, T, T), e.g. `attention.attention_maps`
+                      residual:float=0.5) -> torch.Tensor: # weight of the identity (the residual path) in each layer
+    "Attention rollout (Abnar & Zuidema, 2020): (T, T), row i = how much each input position flows into position i"
+    if not maps: raise ValueError("attention_rollout: expected one (heads, T, T) map per layer, got none")
+    if not 0 <= residual <= 1: raise ValueError(f"attention_rollout: residual must lie in [0, 1], got {residual}")
+    T = maps[0].shape[-1]
+    out = torch.eye(T, dtype=torch.float64)
+    for m in maps:
+        if m.dim() != 3 or tuple(m.shape[1:]) != (T, T):
+            raise ValueError(f"attention_rollout: expected (heads, {T}, {T}) maps, got {tuple(m.shape)}")
+        a = residual * torch.eye(T, dtype=torch.float64) + (1 - residual) * m.double().mean(0)
+        out = (a / a.sum(-1, keepdim=True)) @ out
+    return out
 
 # %% ../nbs/10_inference.ipynb #3125915e
 def pgd(model:nn.Module, # a classifier of pixels in 0..1 (e.g. a `PixelModel`), in the mode it should be attacked in
