@@ -392,9 +392,7 @@ class Distill(Callback):
             if new:
                 for i, o in zip(new, self.teacher(xb[new]).float().cpu()): self.cache[keys[i]] = o
             return torch.stack([self.cache[k] for k in keys]).to(xb.device)
-    def before_fit(self):
-        self.teacher.to(self.learn.device).eval()
-        for p in self.teacher.parameters(): p.requires_grad_(False)
+    def before_fit(self): self.teacher.to(self.learn.device).eval()  # read under no_grad: its parameters are left as they are
     def before_batch(self):
         L = self.learn
         if not L.training: return
