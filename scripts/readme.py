@@ -14,7 +14,7 @@ def render() -> str:
     # `nbdev-clean` drops the kernel's language_info; without it the code fences lose their `python` tag
     nb.metadata.setdefault('language_info', {'name': 'python'})
     md, _ = MarkdownExporter().from_notebook_node(nb)
-    return re.sub(r'\]\((\d\d_\w+\.ipynb)\)', r'](nbs/\1)', md)
+    return re.sub(r'\]\((\d\d[a-z]?_\w+\.ipynb)\)', r'](nbs/\1)', md)
 
 
 if __name__ == '__main__':
