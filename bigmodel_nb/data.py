@@ -540,11 +540,12 @@ def char_lm_dataloaders(split:TextSplit, # from `shakespeare_split`
 
 # %% ../nbs/01_data.ipynb #3bf429e9
 class RandomCropFlip:
-    "Batched augmentation: random crop after zero padding, then random horizontal flip"
-    def __init__(self, padding:int=4, # pixels of zero padding on each side
+    "Batched augmentation: random crop after padding (zeros, or `fill`), then random horizontal flip"
+    def __init__(self, padding:int=4, # pixels of padding on each side
                  flip:bool=True, # mirror left-right with probability 1/2
-                 seed:int=0): # seed of the random offsets and flips
-        self.padding,self.flip,self.g = padding,flip,torch.Generator().manual_seed(seed)
+                 seed:int=0, # seed of the random offsets and flips
+                 fill:float=0.): # value of the padding pixels (e.g. the normalized background)
+        self.padding,self.flip,self.fill,self.g = padding,flip,fill,torch.Generator().manual_seed(seed)
 
     def __call__(self, x:torch.Tensor) -> torch.Tensor: # batch (B,C,H,W)
         "The augmented batch; `self.offsets` (B, 2: row, column) and `self.flips` (B,) hold the choices made"
@@ -552,7 +553,7 @@ class RandomCropFlip:
         p = self.padding
         self.offsets,self.flips = torch.zeros(B, 2, dtype=torch.long),torch.zeros(B, dtype=torch.bool)
         if p > 0:
-            xp = torch.nn.functional.pad(x, (p, p, p, p))
+            xp = torch.nn.functional.pad(x, (p, p, p, p), value=self.fill)
             oy = torch.randint(0, 2*p+1, (B,), generator=self.g); ox = torch.randint(0, 2*p+1, (B,), generator=self.g)
             rows = (oy[:, None] + torch.arange(H))[:, None, :, None]
             cols = (ox[:, None] + torch.arange(W))[:, None, None, :]

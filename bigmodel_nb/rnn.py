@@ -12,6 +12,7 @@ __all__ = ['RNNCell', 'LSTMCell', 'GRUCell', 'Recurrent', 'RNN', 'LSTM', 'GRU', 
 # %% ../nbs/04_rnn.ipynb #636daf18
 import json, math, time
 from dataclasses import dataclass, asdict
+from functools import partial
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -365,7 +366,8 @@ def generate(model:nn.Module, # maps (B, T) ids to (B, T, V) logits; with `step(
              temperature:float=1.0, # > 0; below 1 sharper, above 1 flatter
              top_k:int=None, # sample among the k most likely characters only; None: all
              seed:int=0, # seed of the sampling RNG (the global RNG is left alone)
-             context:int=None) -> str: # a fixed-context model's window; default `model.cfg.n_ctx` if it has one
+             context:int=None, # a fixed-context model's window; default `model.cfg.n_ctx` if it has one
+             step_threads:int=1) -> str: # torch threads for the one-token steps of a model with `step`; None: as set
     "The prompt followed by `n` sampled characters"
     if not temperature > 0: raise ValueError(f"temperature must be > 0, got {temperature}; use a small value such as 0.1 for nearly greedy sampling")
     if top_k is not None and not (isinstance(top_k, int) and top_k >= 1): raise ValueError(f"top_k must be an integer ≥ 1 (or None for all characters), got {top_k!r}")
@@ -379,15 +381,18 @@ def generate(model:nn.Module, # maps (B, T) ids to (B, T, V) logits; with `step(
     context = context or getattr(getattr(model, 'cfg', None), 'n_ctx', None)
     try:
         logits, state = model.step(ids) if recurrent else (model(ids[:, -context:] if context else ids), None)
-        for _ in range(n):
-            z = logits[0, -1].float() / temperature
-            if top_k: z = z.masked_fill(z < z.topk(min(top_k, z.numel())).values[-1], -float('inf'))
-            nxt = torch.multinomial(z.softmax(-1), 1, generator=g)[None]
-            out.append(nxt)
-            if recurrent: logits, state = model.step(nxt, state)
-            else:
-                ids = torch.cat(out, 1)
-                logits = model(ids[:, -context:] if context else ids)
+        with torch_threads(step_threads if recurrent else None):  # one token's ops are too small to share between threads
+            for _ in range(n):
+                z = logits[0, -1].float() / temperature
+                if top_k == 1: nxt = z.argmax(-1, keepdim=True)[None]  # greedy: what sampling the one remaining character gives
+                else:
+                    if top_k: z = z.masked_fill(z < z.topk(min(top_k, z.numel())).values[-1], -float('inf'))
+                    nxt = torch.multinomial(z.softmax(-1), 1, generator=g)[None]
+                out.append(nxt)
+                if recurrent: logits, state = model.step(nxt, state)
+                else:
+                    ids = torch.cat(out, 1)
+                    logits = model(ids[:, -context:] if context else ids)
     finally: model.train(was)
     return tokenizer.decode(torch.cat(out, 1)[0])
 
@@ -427,25 +432,21 @@ class RowClassifier(nn.Module):
 register_architecture(RowClassifier, RowConfig)
 
 # %% ../nbs/04_rnn.ipynb #aa2e05cc
-from .data import load_fashion_mnist, TensorLoader, DataLoaders
-
-def _hflip_half(x:torch.Tensor) -> torch.Tensor: # a batch (B, 1, H, W)
-    "Flip a random half of the batch left to right"
-    f = torch.rand(len(x)) < 0.5
-    x = x.clone(); x[f] = x[f].flip(-1)
-    return x
+from .data import load_fashion_mnist, TensorLoader, DataLoaders, RandomCropFlip
 
 def fashion_row_dataloaders(batch_size:int=128, # training batch
                             limit:int=None, # keep the first `limit` training and `limit // 6` test images (quick runs)
                             flip:bool=True, # flip half of each training batch left to right
-                            seed:int=0): # seed of the shuffle
+                            shift:int=1, # move each training image by up to this many pixels in each direction (0: none)
+                            seed:int=0): # seed of the shuffle and the augmentation
     "Fashion-MNIST normalized with the training set's mean and std; `valid` is the 10,000 test images"
     ds = load_fashion_mnist(verbose=False)
     xt, yt, xv, yv = ds.x_train, ds.y_train, ds.x_test, ds.y_test
     if limit: xt, yt, xv, yv = xt[:limit], yt[:limit], xv[:max(limit // 6, 1)], yv[:max(limit // 6, 1)]
     m, s = ds.x_train.float().mean() / 255, ds.x_train.float().std() / 255
     norm = lambda x: (x.float() / 255 - m) / s
-    return DataLoaders(TensorLoader(norm(xt), yt, batch_size, shuffle=True, seed=seed, transform=_hflip_half if flip else None, drop_last=True),
+    aug = RandomCropFlip(shift, flip, seed, fill=float(-m / s)) if flip or shift else None  # padding: the black background
+    return DataLoaders(TensorLoader(norm(xt), yt, batch_size, shuffle=True, seed=seed, transform=aug, drop_last=True),
                        TensorLoader(norm(xv), yv, 1000), classes=ds.classes)
 
 # %% ../nbs/04_rnn.ipynb #6c14fcff
@@ -456,13 +457,15 @@ def train_row_classifier(cfg:RowConfig=None, # the architecture; default `RowCon
                          epochs:int=1000, # epochs at most (the schedule's length when the time is not up first)
                          lr:float=3e-3, # peak learning rate (AdamW, one cycle)
                          batch_size:int=128, # training batch
+                         label_smoothing:float=0.1, # of the cross-entropy (Szegedy et al., 2016)
+                         shift:int=1, # augmentation: move training images by up to this many pixels (and flip half)
                          limit:int=None, # train on the first `limit` images (quick runs)
                          seed:int=0, # seed of the weights and the shuffle
                          progress:bool=False): # show the learner's progress bar
     "Train a `RowClassifier` on Fashion-MNIST for `seconds`; returns `(model, row)` with its test accuracy"
-    dls = fashion_row_dataloaders(batch_size, limit, seed=seed)
+    dls = fashion_row_dataloaders(batch_size, limit, shift=shift, seed=seed)
     torch.manual_seed(seed); model = RowClassifier(cfg)
-    learn = Learner(model, (dls.train, None), lr=lr, cbs=[GradientClip(1.0)], progress=progress)  # no validation inside the budget
+    learn = Learner(model, (dls.train, None), partial(F.cross_entropy, label_smoothing=label_smoothing), lr=lr, cbs=[GradientClip(1.0)], progress=progress)  # no validation inside the budget
     t0 = time.perf_counter()
     learn.fit(epochs, lr, sched='one_cycle', cbs=[TimeBudget(seconds)])
     train_s = time.perf_counter() - t0
