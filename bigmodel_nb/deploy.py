@@ -6,13 +6,14 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/deployment.html.md"""
 
 # %% ../nbs/08_deployment.ipynb #7ebc9174
 from __future__ import annotations
-import base64, functools, hashlib, json, os
+import base64, contextlib, functools, hashlib, io, json, os
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+import torch.nn.functional as F
 import onnx
 from onnx import numpy_helper
 import onnxruntime as ort
@@ -20,17 +21,19 @@ from fastcore.basics import patch
 from safetensors.torch import save as st_save, load as st_load
 
 from .concepts import (architecture_of, build_architecture, atomic_write, time_stats, interleaved_rounds,
-                                  markdown_table)
+                                  markdown_table, TransformerLM)
+from .attention import GPT  # the attention chapter's model, for its decoder step
 from .data import CharTokenizer
 from .compress import ort_quantize_static  # static INT8 (QDQ), from the compression chapter
 
 # %% auto #0
-__all__ = ['PACKAGE_FORMAT', 'PACKAGE_FILES', 'PACKAGE_KINDS', 'PACKAGE_INT8', 'onnx_signature', 'parity_check', 'image_config',
-           'pixel_affine', 'with_pixel_input', 'with_predictions', 'serving_graph', 'Prediction', 'Predictor',
-           'compare_latency', 'latency_table', 'plot_latency', 'tokenizer_spec', 'tokenizer_from_spec', 'token_config',
-           'export_token_model', 'TokenPredictor', 'PackageError', 'model_card', 'save_package', 'verify_package',
-           'load_package', 'read_images', 'load_package_weights', 'generate_key', 'key_id', 'save_key',
-           'load_private_key', 'load_public_key', 'sign_package']
+__all__ = ['PACKAGE_FORMAT', 'PACKAGE_FILES', 'PACKAGE_KINDS', 'PACKAGE_INT8', 'PACKAGE_DECODER', 'onnx_signature',
+           'parity_check', 'image_config', 'pixel_affine', 'with_pixel_input', 'with_predictions', 'serving_graph',
+           'Prediction', 'Predictor', 'compare_latency', 'latency_table', 'plot_latency', 'tokenizer_spec',
+           'tokenizer_from_spec', 'token_config', 'export_token_model', 'TokenPredictor', 'PackageError', 'model_card',
+           'save_package', 'verify_package', 'load_package', 'read_images', 'load_package_weights', 'generate_key',
+           'key_id', 'save_key', 'load_private_key', 'load_public_key', 'sign_package', 'DecoderParts',
+           'register_decoder', 'decoder_parts', 'DecoderWithPast', 'export_decoder', 'decoder_parity', 'KVBatch']
 
 # %% ../nbs/08_deployment.ipynb #2f809928
 from .compress import export_onnx  # defined in the compression chapter, which exports before it quantizes
@@ -392,16 +395,18 @@ class TokenPredictor:
                  spin:bool=True, # idle intra-op threads busy-wait between runs (see `Predictor`)
                  folder:Path|None=None, # the package it came from (`load_package` sets the three)
                  manifest:dict|None=None, # that package's manifest
-                 card:str|None=None): # that package's model card (Markdown)
+                 card:str|None=None, # that package's model card (Markdown)
+                 decoder=None): # the package's `decoder.onnx` (path or bytes): generation with a key/value cache (`kv_batch`)
         self.config, self.tokenizer = config, tokenizer_from_spec(config['tokenizer'])
         self.vocab_size, self.max_sequence = self.tokenizer.vocab_size, config['input'].get('max_sequence')
         self.folder, self.manifest, self.card = (Path(folder) if folder is not None else None), manifest, card
         self.session = ort_session(onnx_model, threads, providers, spin=spin)
         self.in_name, self.out_name = self.session.get_inputs()[0].name, self.session.get_outputs()[0].name
+        self.decoder = ort_session(decoder, threads, providers, spin=spin) if decoder is not None else None
 
     def __repr__(self):
         return (f"TokenPredictor(input {self.in_name!r} int64 (N, T <= {self.max_sequence or 'any'}), {self.vocab_size} tokens, "
-                f"{self.session.get_providers()[0]})")
+                f"{self.session.get_providers()[0]}{', with a key/value-cache decoder' if self.decoder is not None else ''})")
 
 # %% ../nbs/08_deployment.ipynb #226956b6
 @patch
@@ -460,6 +465,7 @@ PACKAGE_FORMAT = 2  # the manifest's `format`; a package with a higher one was w
 PACKAGE_FILES = ('model.onnx', 'weights.safetensors', 'config.json', 'README.md')  # in every package
 PACKAGE_KINDS = {'image_classifier': (), 'token_model': ('tokenizer.json',)}  # kind -> the files it adds
 PACKAGE_INT8 = 'model.int8.onnx'  # optional: the INT8 model (static QDQ), when `save_package` gets calibration data
+PACKAGE_DECODER = 'decoder.onnx'  # optional: a causal LM's decoder with a key/value cache, with `save_package(..., decoder=True)`
 _NOT_STATED = '(not stated by whoever packaged this model)'
 _REMEDY = "re-create the package with `save_package`, or restore the folder from a trusted copy"
 
@@ -478,6 +484,8 @@ def _model_lines(config:dict) -> list:
         inp, tk = config.get('input', {}), config.get('tokenizer')
         n = len(tk['vocab']) if isinstance(tk, dict) else config.get('vocab_size', '?')
         return lines + [f"- Input: int64 token ids (batch, sequence), at most {inp.get('max_sequence') or 'any number of'} tokens",
+                        *([f"- Decoder: `decoder.onnx`, one decoding step with a key/value cache (max abs diff to torch "
+                           f"{config['decoder']['parity']['max_abs_diff']:.1e})"] if config.get('decoder') else []),
                         f"- Tokenizer: one token per character, a vocabulary of {n} (`tokenizer.json`)"]
     pre, labels = config.get('preprocessing', {}), config.get('labels', [])
     return lines + [f"- Preprocessing: pixels / {pre.get('pixel_scale', 255.0):g}, minus mean {pre.get('mean')}, over std "
@@ -535,6 +543,7 @@ def save_package(model:nn.Module, # the trained torch model, of a registered arc
                  n_calib:int=10, # calibration batches for the INT8 model
                  temperature:float|None=None, # image classifiers: the predictor's probabilities become softmax(logits / T)
                  sign_with=None, # an Ed25519 private key (`generate_key`, `load_private_key`): sign the manifest
+                 decoder:bool=False, # token models: also export `decoder.onnx`, one decoding step with a key/value cache (`export_decoder`)
                 ) -> Path:
     "Write a model package of the config's kind: the ONNX model, weights, config, model card, the kind's files and a SHA-256 manifest."
     folder, kind = Path(folder), config.get('kind')
@@ -545,6 +554,8 @@ def save_package(model:nn.Module, # the trained torch model, of a registered arc
     if temperature is not None:
         if kind != 'image_classifier': raise ValueError(f"temperature: calibrated probabilities are for image classifiers, not {kind}")
         _check_temperature(temperature)
+    if decoder and kind != 'token_model': raise ValueError(f"decoder: a key/value-cache decoder is made for token models, not {kind}")
+    if decoder: decoder_parts(model)  # an architecture without a decoder step fails here, before any work
     if sign_with is not None: _check_private_key(sign_with)
     arch, names = architecture_of(model), (*PACKAGE_FILES, *PACKAGE_KINDS[kind])  # an unregistered model fails here, before any work
     in_name, out_name = config.get('input_name', 'input'), config.get('output_name', 'logits')
@@ -560,6 +571,10 @@ def save_package(model:nn.Module, # the trained torch model, of a registered arc
                'metrics': dict(metrics or {}), 'versions': {'torch': torch.__version__, 'onnx': onnx.__version__, 'onnxruntime': ort.__version__}}
         if calib is not None:
             cfg['int8'] = _package_int8(model, onnx_path, part/PACKAGE_INT8, example, calib, n_calib, in_name); names += (PACKAGE_INT8,)
+        if decoder:
+            dp = decoder_parity(model, export_decoder(model, part/PACKAGE_DECODER), example)
+            if not dp['passed']: raise ValueError(f"the decoder's export does not match torch ({dp}); not packaging it")
+            cfg['decoder'] = {'file': PACKAGE_DECODER, 'parity': dp}; names += (PACKAGE_DECODER,)
         (part/'README.md').write_bytes(model_card(cfg, metrics, card).encode())
         if kind == 'token_model':
             (part/'tokenizer.json').write_bytes(json.dumps(cfg['tokenizer'], ensure_ascii=False).encode()); cfg['tokenizer'] = 'tokenizer.json'
@@ -656,8 +671,9 @@ def load_package(folder, # a folder written by `save_package`
         raise PackageError(f"{folder}: no {PACKAGE_INT8} in this package; load it with int8=False, or re-create it with "
                            "`save_package(..., calib=training_batches)`")
     cls = {'image_classifier': Predictor, 'token_model': TokenPredictor}[man['kind']]
+    extra = {'decoder': files[PACKAGE_DECODER]} if PACKAGE_DECODER in files and cls is TokenPredictor else {}
     return cls(files[PACKAGE_INT8 if int8 else 'model.onnx'], config, threads, providers, spin,
-               folder=Path(folder), manifest=man, card=files['README.md'].decode())
+               folder=Path(folder), manifest=man, card=files['README.md'].decode(), **extra)
 
 # %% ../nbs/08_deployment.ipynb #ae377eb2
 def read_images(path, # a PNG (or any image Pillow reads) or a `.npy` array of one image `(H, W)`/`(C, H, W)` or a batch `(N, [C,] H, W)`
@@ -797,3 +813,228 @@ def sign_package(folder, # a package folder written by `save_package`
     verify_package(folder)
     _write_signature(Path(folder), key)
     return key_id(key)
+
+# %% ../nbs/08_deployment.ipynb #20b6103e
+_DECODER_PARTS = {}  # model class -> function(model) returning its `DecoderParts`
+
+class DecoderParts(NamedTuple):
+    "What a decoder step needs from a transformer language model, whatever its class names them."
+    embed:object # (ids (B, S), positions (B, S)) -> the blocks' input (B, S, d)
+    layers:list # per block: dict(ln1, qkv (weight, bias), out, ln2, mlp, pre_norm, rotary)
+    final:object # hidden states (B, S, d) -> logits (B, S, vocab)
+    n_heads:int # attention heads
+
+def register_decoder(cls, # a model class
+                     parts): # model -> `DecoderParts`
+    "Let `DecoderWithPast` (and `save_package(..., decoder=True)`) step models of class `cls` with a key/value cache."
+    _DECODER_PARTS[cls] = parts; return cls
+
+def decoder_parts(model:nn.Module) -> DecoderParts:
+    "The `DecoderParts` of a model whose class was registered with `register_decoder`."
+    f = next((f for c, f in _DECODER_PARTS.items() if type(model) is c), None)
+    if f is None: raise ValueError(f"no decoder step for {type(model).__name__}: expected one of "
+                                   f"{[c.__name__ for c in _DECODER_PARTS]} (or call register_decoder for its class)")
+    return f(model)
+
+
+# %% ../nbs/08_deployment.ipynb #1c2563ca
+def _lm_parts(lm:TransformerLM) -> DecoderParts:
+    "The concepts chapter's `TransformerLM` (torch.nn encoder layers, learned positions)."
+    def embed(ids, positions):
+        x = lm.tok_emb(ids) + lm.pos_emb(positions)
+        if lm.type_emb is not None: x = x + lm.type_emb(torch.zeros_like(ids))
+        return lm.emb_norm(x)
+    layers = [dict(ln1=b.norm1, qkv=(b.self_attn.in_proj_weight, b.self_attn.in_proj_bias), out=b.self_attn.out_proj, ln2=b.norm2,
+                   mlp=(lambda h, b=b: b.linear2(b.activation(b.linear1(h)))), pre_norm=b.norm_first, rotary=None) for b in lm.blocks.layers]
+    final = lambda x: lm.head(lm.blocks.norm(x) if lm.blocks.norm is not None else x)
+    return DecoderParts(embed, layers, final, lm.cfg.n_heads)
+
+def _gpt_parts(gpt:GPT) -> DecoderParts:
+    "The attention chapter's `GPT` (learned, sinusoidal, rotary or no positions)."
+    def embed(ids, positions):
+        x = gpt.tok_emb(ids)
+        if gpt.pos_emb is not None: x = x + gpt.pos_emb(positions)
+        if gpt.cfg.positions == 'sinusoidal': x = x + gpt.pos_table[positions]
+        if gpt.type_emb is not None: x = x + gpt.type_emb(torch.zeros_like(ids))
+        return gpt.emb_norm(x)
+    layers = [dict(ln1=b.ln1, qkv=(b.attn.qkv.weight, b.attn.qkv.bias), out=b.attn.out, ln2=b.ln2, mlp=b.mlp, pre_norm=b.pre_norm,
+                   rotary=b.attn.rotary) for b in gpt.blocks]
+    return DecoderParts(embed, layers, lambda x: gpt.head(gpt.ln_f(x)), gpt.cfg.n_heads)
+
+register_decoder(TransformerLM, _lm_parts); register_decoder(GPT, _gpt_parts);
+
+
+# %% ../nbs/08_deployment.ipynb #e4b4c5e5
+def _rotate(rot, x, positions):
+    "Rotary positions at per-row positions: x (B, H, S, d_head), positions (B, S)."
+    h = x.shape[-1] // 2
+    c, s = rot.cos[positions][:, None].to(x.dtype), rot.sin[positions][:, None].to(x.dtype)
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
+
+class DecoderWithPast(nn.Module):
+    "A causal LM's forward over S new tokens per row that also attends to each row's cached keys and values."
+    def __init__(self, model:nn.Module): # a model of a class registered with `register_decoder` (its weights are shared, not copied)
+        super().__init__()
+        self.model, self.parts = model, decoder_parts(model)
+        self.n_layers, self.n_heads = len(self.parts.layers), self.parts.n_heads
+
+    def forward(self, ids, # new token ids (B, S)
+                positions, # their positions (B, S): each row's count of tokens before them
+                past_mask, # (B, P) 1 where a cache slot holds a token of that row, 0 where it is empty
+                *past): # n_layers keys, then n_layers values, each (B, H, P, d_head)
+        "Logits (B, S, vocab) and the new tokens' keys and values, each (n_layers, B, H, S, d_head)."
+        p, H = self.parts, self.n_heads
+        (B, S), P, x = ids.shape, past_mask.shape[-1], p.embed(ids, positions)
+        d = x.shape[-1]
+        new_ok = torch.ones(S, S, dtype=torch.bool, device=ids.device).tril()  # causal among the new tokens
+        allow = torch.cat([past_mask.bool()[:, None, :].expand(B, S, P), new_ok.expand(B, S, S)], -1)
+        bias = torch.zeros(allow.shape, dtype=x.dtype, device=x.device).masked_fill(~allow, torch.finfo(x.dtype).min)[:, None]
+        keys, values = [], []
+        for i, L in enumerate(p.layers):
+            h = L['ln1'](x) if L['pre_norm'] else x
+            q, k, v = F.linear(h, *L['qkv']).view(B, S, 3, H, d // H).permute(2, 0, 3, 1, 4)  # each (B, H, S, d/H)
+            if L['rotary'] is not None: q, k = _rotate(L['rotary'], q, positions), _rotate(L['rotary'], k, positions)
+            keys.append(k); values.append(v)
+            q = q * (d // H) ** -0.5
+            w = (torch.cat([q @ past[i].transpose(-1, -2), q @ k.transpose(-1, -2)], -1) + bias).softmax(-1)
+            y = L['out']((w[..., :P] @ past[self.n_layers + i] + w[..., P:] @ v).transpose(1, 2).reshape(B, S, d))
+            if L['pre_norm']: x = x + y; x = x + L['mlp'](L['ln2'](x))
+            else: x = L['ln1'](x + y); x = L['ln2'](x + L['mlp'](x))
+        return p.final(x), torch.stack(keys), torch.stack(values)
+
+
+# %% ../nbs/08_deployment.ipynb #6f5d28c7
+def export_decoder(model:nn.Module, # a causal LM of a class registered with `register_decoder`
+                   path, # the `.onnx` file to write: one file, the weights inside
+                   quiet:bool=True, # hide the exporter's progress lines
+                  ) -> Path:
+    "Export `DecoderWithPast(model)` to one checked `.onnx` file: batch, new-token and past axes symbolic."
+    dec, path = DecoderWithPast(model).eval(), Path(path)
+    nl, H = dec.n_layers, dec.n_heads
+    d = model.tok_emb.embedding_dim
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.tok_emb.num_embeddings, (2, 3), generator=g)
+    past = [torch.randn(2, H, 5, d // H, generator=g) for _ in range(2 * nl)]
+    example = (ids, torch.arange(5, 8).expand(2, 3).contiguous(), torch.ones(2, 5, dtype=torch.long), *past)
+    B, S, P = torch.export.Dim('batch'), torch.export.Dim('new', max=model.cfg.n_ctx), torch.export.Dim('past', max=4096)
+    kv = tuple({0: B, 2: P} for _ in range(2 * nl))
+    names = ['input_ids', 'position_ids', 'past_mask', *(f'past_key_{i}' for i in range(nl)), *(f'past_value_{i}' for i in range(nl))]
+    was_training = model.training
+    try:
+        with atomic_write(path) as part:
+            with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+                torch.onnx.export(dec, example, str(part), dynamo=True, external_data=False, input_names=names,
+                                  output_names=['logits', 'new_keys', 'new_values'],
+                                  dynamic_shapes=({0: B, 1: S}, {0: B, 1: S}, {0: B, 1: P}, kv))
+            onnx.checker.check_model(onnx.load(part), full_check=True)
+    finally: model.train(was_training)
+    return path
+
+def decoder_parity(model:nn.Module, # the torch model
+                   decoder_onnx, # its `export_decoder` file (path or bytes)
+                   ids, # token ids (N, T), T >= 2: the first half of each row is prefilled, the rest fed one token at a time
+                   atol:float=1e-4) -> dict: # the largest acceptable absolute difference
+    "The decoder's logits (prefill, then one token per step, through `KVBatch`) vs torch's full-window logits at the same positions."
+    ids, was_training = torch.as_tensor(ids), model.training
+    N, T = ids.shape
+    kb, h = KVBatch(ort_session(decoder_onnx, threads=1, spin=False), model.cfg.n_ctx), max(1, T // 2)
+    try:
+        model.eval()
+        with torch.no_grad(): want = model(ids).numpy()[:, h - 1:]
+    finally: model.train(was_training)
+    got = np.stack([kb.add(ids[:, :h].tolist())] + [kb.step(ids[:, t].numpy()) for t in range(h, T)], 1)
+    diff = float(np.abs(got - want).max())
+    return {'max_abs_diff': diff, 'argmax_agreement': float((got.argmax(-1) == want.argmax(-1)).mean()), 'n': int(got.shape[0] * got.shape[1]),
+            'atol': atol, 'passed': diff <= atol}
+
+
+# %% ../nbs/08_deployment.ipynb #181d1dab
+class KVBatch:
+    "Sequences decoded together by a `decoder.onnx` session, their keys and values cached, each row at its own length; rows join and leave at any step."
+    SLOTS_STEP = 16  # the cache grows by this many slots at a time
+    def __init__(self, session:ort.InferenceSession, # a session of `export_decoder`'s graph
+                 max_len:int|None=None): # the model's window (`n_ctx`); a longer row slides: its last max_len - 1 tokens are recomputed
+        past = [i for i in session.get_inputs() if i.name.startswith('past_key_')]
+        if not past: raise ValueError(f"expected a session of export_decoder's graph (inputs past_key_0, ...); got inputs "
+                                      f"{[i.name for i in session.get_inputs()]}")
+        self.sess, self.max_len = session, max_len or 1 << 30
+        self.n_layers, (_, self.n_heads, _, self.d_head) = len(past), past[0].shape
+        self.names = ['input_ids', 'position_ids', 'past_mask', *(f'past_key_{i}' for i in range(self.n_layers)),
+                      *(f'past_value_{i}' for i in range(self.n_layers))]
+        self.kv = [np.zeros((0, self.n_heads, 0, self.d_head), np.float32) for _ in range(2 * self.n_layers)]  # (rows, H, slots, d_head)
+        self.lens, self.tokens = np.zeros(0, np.int64), []  # tokens cached in each row, and the tokens themselves (to slide)
+
+    def __len__(self): return len(self.tokens)
+    def __repr__(self): return f"KVBatch({len(self)} rows, lengths {self.lens.tolist()}, {self.kv[0].shape[2]} slots)"
+
+    def _reserve(self, rows:int, slots:int):
+        "Grow the cache to at least `rows` rows (doubling) of `slots` slots (in steps of `SLOTS_STEP`: every step reads every slot)."
+        R, T = self.kv[0].shape[0], self.kv[0].shape[2]
+        if rows <= R and slots <= T: return
+        R2 = R if rows <= R else max(rows, 2 * R)
+        T2 = T if slots <= T else max(slots, min(-(-slots // self.SLOTS_STEP) * self.SLOTS_STEP, self.max_len))
+        for i, a in enumerate(self.kv):
+            b = np.zeros((R2, self.n_heads, T2, self.d_head), np.float32); b[:R, :, :T] = a; self.kv[i] = b
+
+
+# %% ../nbs/08_deployment.ipynb #b99f85e1
+@patch
+def _prefill(self:KVBatch, windows:list, rows:list) -> np.ndarray:
+    "Compute the keys and values of each window (a list of ids) into its row; the logits after each window's last token."
+    n = np.array([len(w) for w in windows]); T = int(n.max())
+    ids = np.zeros((len(windows), T), np.int64)
+    for j, w in enumerate(windows): ids[j, :len(w)] = w
+    empty = np.zeros((len(windows), self.n_heads, 0, self.d_head), np.float32)
+    logits, nk, nv = self.sess.run(None, dict(zip(self.names, [ids, np.broadcast_to(np.arange(T), ids.shape).copy(),
+                                                               np.zeros((len(windows), 0), np.int64), *[empty] * (2 * self.n_layers)])))
+    self._reserve(len(self), T)
+    for l in range(self.n_layers): self.kv[l][rows, :, :T], self.kv[self.n_layers + l][rows, :, :T] = nk[l], nv[l]
+    self.lens[rows] = n
+    for r, w in zip(rows, windows): self.tokens[r] = list(w)
+    return logits[np.arange(len(windows)), n - 1]
+
+@patch
+def add(self:KVBatch, prompts:list) -> np.ndarray: # token ids of each new row (at least one each); only the last max_len count
+    "Append a row per prompt: its keys and values computed in one run (prefill); the logits of the token after each prompt (k, vocab)."
+    windows = [list(map(int, p))[-self.max_len:] for p in prompts]
+    if not windows or min(map(len, windows)) == 0: raise ValueError("add: expected one or more prompts of at least one token each")
+    n = len(self); self._reserve(n + len(windows), 0)
+    self.lens = np.concatenate([self.lens, np.zeros(len(windows), np.int64)]); self.tokens += [[] for _ in windows]
+    return self._prefill(windows, list(range(n, n + len(windows))))
+
+@patch
+def step(self:KVBatch, tokens) -> np.ndarray: # one new token id per row
+    "Feed each row its next token (cached as it goes); the logits of the token after it (rows, vocab)."
+    tokens = np.asarray(tokens, np.int64).reshape(-1)
+    if len(tokens) != len(self) or not len(self): raise ValueError(f"step: expected one token per row ({len(self)} rows); got {len(tokens)}")
+    full = np.flatnonzero(self.lens >= self.max_len)  # the window slides: recompute the last max_len - 1 tokens at positions 0..
+    if len(full) and self.max_len > 1: self._prefill([self.tokens[i][1 - self.max_len:] for i in full], full)
+    elif len(full): self.lens[full] = 0
+    self._reserve(len(self), int(self.lens.max()) + 1)
+    B, T, r = len(self), self.kv[0].shape[2], np.arange(len(self))
+    mask = (np.arange(T) < self.lens[:, None]).astype(np.int64)
+    logits, nk, nv = self.sess.run(None, dict(zip(self.names, [tokens[:, None], self.lens[:, None], mask, *(a[:B] for a in self.kv)])))
+    for l in range(self.n_layers): self.kv[l][r, :, self.lens], self.kv[self.n_layers + l][r, :, self.lens] = nk[l][:, :, 0], nv[l][:, :, 0]
+    for t, seq in zip(tokens.tolist(), self.tokens):
+        seq.append(t)
+        if len(seq) > self.max_len: del seq[0]
+    self.lens += 1
+    return logits[:, 0]
+
+@patch
+def remove(self:KVBatch, rows): # indices of the rows to drop; the others keep their order
+    "Drop rows (finished or cancelled sequences)."
+    drop = set(int(i) for i in rows); keep = [i for i in range(len(self)) if i not in drop]
+    if not drop: return
+    for a in self.kv: a[:len(keep)] = a[keep]
+    self.lens, self.tokens = self.lens[keep], [self.tokens[i] for i in keep]
+
+@patch
+def kv_batch(self:TokenPredictor) -> KVBatch:
+    "An empty `KVBatch` on this package's decoder: generation with a key/value cache."
+    if self.decoder is None:
+        raise ValueError("this package has no decoder.onnx (no key/value cache): re-create it with save_package(..., decoder=True), "
+                         "or generate with the full window (`logits`)")
+    return KVBatch(self.decoder, self.max_sequence)
+

@@ -252,7 +252,7 @@ class _Stream:
         self.rng, self.out, self.t0, self.first, self.cancelled = np.random.default_rng(seed), asyncio.Queue(), time.perf_counter(), None, False
 
 class GenerationScheduler:
-    "Continuous batching for a `TokenPredictor`: each step decodes one token for every active stream."
+    "Continuous batching for a `TokenPredictor`: each step decodes one token for every active stream (with its `decoder.onnx`'s key/value cache when the package has one)."
     def __init__(self, predictor:TokenPredictor, # the token model
                  max_batch_size:int=16, # streams decoded together at most (1: one at a time)
                  max_queue:int=256, # streams active or waiting at most; beyond it InferError(503)
@@ -260,6 +260,7 @@ class GenerationScheduler:
                  on_step=None): # called with (streams in the step, first-token seconds of streams that started)
         self.p, self.max_batch_size, self.max_queue, self.executor, self.on_step = predictor, max_batch_size, max_queue, executor, on_step
         self.active, self.waiting, self._task, self._wake, self.closing, self.steps = [], collections.deque(), None, None, False, 0
+        self.kv = predictor.kv_batch() if getattr(predictor, 'decoder', None) is not None else None  # the key/value cache, if the package has a decoder
 
     def submit(self, ids, # prompt token ids (at least one)
                max_tokens:int=32, # tokens to generate
@@ -284,24 +285,42 @@ def _batch(self:GenerationScheduler) -> tuple:
     return x, np.array([len(w) - 1 for w in wins])
 
 @patch
+def _cached_logits(self:GenerationScheduler, tokens:list, prompts:list) -> np.ndarray:
+    "With the cache: the running rows take their last token, the joining ones are prefilled; next-token logits, running rows first."
+    parts = ([self.kv.step(tokens)] if tokens else []) + ([self.kv.add(prompts)] if prompts else [])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+@patch
+def _full_window_logits(self:GenerationScheduler) -> np.ndarray:
+    "Without a cache: the whole window of every active stream, right-padded; the logits at each one's last position."
+    x, last = self._batch()
+    return self.p.logits(x)[np.arange(len(x)), last]
+
+@patch
 async def _run(self:GenerationScheduler):
     loop = asyncio.get_running_loop()
+    call = lambda f, *a: f(*a) if self.executor is None else loop.run_in_executor(self.executor, f, *a)
     while True:
-        while self.waiting and len(self.active) < self.max_batch_size:
+        joining = []
+        while self.waiting and len(self.active) + len(joining) < self.max_batch_size:
             s = self.waiting.popleft()
-            if not s.cancelled: self.active.append(s)
-        if not self.active:
+            if not s.cancelled: joining.append(s)
+        if not self.active and not joining:
             if self.closing: return
             self._wake.clear(); await self._wake.wait(); continue
-        x, last = self._batch()
-        logits = self.p.logits(x) if self.executor is None else await loop.run_in_executor(self.executor, self.p.logits, x)
-        rows, now, firsts = logits[np.arange(len(x)), last], time.perf_counter(), []
+        if self.kv is not None:
+            tokens, prompts = [s.ids[-1] for s in self.active], [s.ids for s in joining]
+            self.active += joining; rows = call(self._cached_logits, tokens, prompts)
+        else: self.active += joining; rows = call(self._full_window_logits)
+        rows, now, firsts = (await rows if self.executor is not None else rows), time.perf_counter(), []
         for s, row in zip(self.active, rows):
             t = sample_next(row, s.temperature, s.rng); s.ids.append(t); s.left -= 1; s.out.put_nowait(t)
             if s.first is None: s.first = now - s.t0; firsts.append(s.first)
             if s.left <= 0: s.out.put_nowait(None)
         n, self.steps = len(self.active), self.steps + 1
-        self.active = [s for s in self.active if s.left > 0 and not s.cancelled]
+        keep = [s.left > 0 and not s.cancelled for s in self.active]
+        if self.kv is not None: self.kv.remove([i for i, k in enumerate(keep) if not k])
+        self.active = [s for s, k in zip(self.active, keep) if k]
         if self.on_step is not None: self.on_step(n, firsts)
 
 @patch

@@ -15,7 +15,9 @@ from bigmodel_nb.compress import fold_pooled_batchnorm
 from bigmodel_nb.deploy import (PACKAGE_FILES, PACKAGE_FORMAT, PACKAGE_INT8, PACKAGE_KINDS, PackageError, Predictor, TokenPredictor,
                                 compare_latency, export_onnx, export_token_model, image_config, latency_table, load_package,
                                 load_package_weights, onnx_signature, ort_session, parity_check, save_package, serving_graph,
-                                token_config, tokenizer_from_spec, tokenizer_spec, verify_package, with_pixel_input)
+                                token_config, tokenizer_from_spec, tokenizer_spec, verify_package, with_pixel_input,
+                                DecoderWithPast, KVBatch, decoder_parity, decoder_parts)
+from bigmodel_nb.attention import GPT
 
 torch.set_num_threads(1)
 
@@ -595,3 +597,111 @@ def test_key_files(keys, signed, tmp_path):
         save_package(None, tmp_path / 'x', None, {'kind': 'image_classifier'}, sign_with='key.pem')
     with pytest.raises(ValueError, match='trusted_keys is empty'): load_package(signed, trusted_keys=[])
     with pytest.raises(ValueError, match='expected Ed25519 public keys'): load_package(signed, trusted_keys=[42])
+
+
+# ---- the decoder with a key/value cache ----
+
+def _stepped_vs_full(model, T=20, cut=7):
+    "Max |logits| difference: prefill `cut` tokens, then one token per step through DecoderWithPast, vs the model's full forward."
+    dec = DecoderWithPast(model.eval())
+    ids = torch.randint(0, model.cfg.vocab_size, (3, T), generator=torch.Generator().manual_seed(0))
+    H, dh = dec.n_heads, model.cfg.d_model // dec.n_heads
+    with torch.no_grad():
+        full = model(ids)
+        lg, k, v = dec(ids[:, :cut], torch.arange(cut).expand(3, cut), torch.zeros(3, 0, dtype=torch.long), *[torch.zeros(3, H, 0, dh)] * (2 * dec.n_layers))
+        err, K, V = (lg - full[:, :cut]).abs().max().item(), list(k), list(v)
+        for t in range(cut, T):
+            lg, k, v = dec(ids[:, t:t + 1], torch.full((3, 1), t), torch.ones(3, t, dtype=torch.long), *K, *V)
+            err = max(err, (lg[:, 0] - full[:, t]).abs().max().item())
+            K, V = [torch.cat(ab, -2) for ab in zip(K, k)], [torch.cat(ab, -2) for ab in zip(V, v)]
+    return err
+
+
+@pytest.mark.parametrize('cls,kw', [(TransformerLM, {}), (TransformerLM, dict(pre_norm=False, n_types=2, emb_norm=True, tied=False)),
+                                    (GPT, dict(positions='learned')), (GPT, dict(positions='sinusoidal')), (GPT, dict(positions='rotary')),
+                                    (GPT, dict(positions='none', pre_norm=False))])
+def test_decoder_with_past_matches_full_forward(cls, kw):
+    torch.manual_seed(1)
+    model = cls(TransformerConfig(vocab_size=30, n_ctx=32, d_model=32, n_layers=2, n_heads=4, **kw))
+    assert _stepped_vs_full(model) < 1e-4
+
+
+def test_decoder_parts_unregistered():
+    with pytest.raises(ValueError, match='no decoder step for Linear'): decoder_parts(nn.Linear(2, 2))
+
+
+@pytest.fixture(scope='module')
+def decoder_package(tmp_path_factory):
+    "An untied (so its greedy text varies) TransformerLM with a short context, packaged with its decoder."
+    torch.manual_seed(0)
+    tok = CharTokenizer(TEXT)
+    lm = TransformerLM(TransformerConfig(vocab_size=tok.vocab_size, n_ctx=12, d_model=32, n_layers=2, n_heads=4, tied=False)).eval()
+    folder = tmp_path_factory.mktemp('decpkg') / 'lm'
+    save_package(lm, folder, torch.stack([tok.encode(TEXT[:8]), tok.encode(TEXT[8:16])]), token_config(tok, 12, name='lm'), decoder=True)
+    return lm, tok, folder
+
+
+def _kv_greedy(kb, prompts, joins, n):
+    outs, active, step = [[] for _ in prompts], [], 0
+    while step <= max(joins) or active:
+        rows = list(zip(active, kb.step([outs[i][-1] for i in active]))) if active else []
+        new = [i for i, j in enumerate(joins) if j == step]
+        if new: rows += list(zip(new, kb.add([prompts[i] for i in new]))); active += new
+        for i, row in rows: outs[i].append(int(row.argmax()))
+        done = [r for r, i in enumerate(active) if len(outs[i]) >= n]
+        kb.remove(done); active = [i for r, i in enumerate(active) if r not in done]; step += 1
+    return outs
+
+
+def test_decoder_package_files_and_card(decoder_package):
+    _, _, folder = decoder_package
+    man = verify_package(folder)
+    assert 'decoder.onnx' in man['files'] and man['files']['decoder.onnx']['bytes'] == (folder / 'decoder.onnx').stat().st_size
+    cfg = json.loads((folder / 'config.json').read_text())
+    assert cfg['decoder']['file'] == 'decoder.onnx' and cfg['decoder']['parity']['passed']
+    assert 'Decoder: `decoder.onnx`' in (folder / 'README.md').read_text()
+    assert load_package(folder).decoder is not None
+
+
+def test_decoder_tampered(decoder_package, tmp_path):
+    d = tmp_path / 'p'; shutil.copytree(decoder_package[2], d)
+    b = bytearray((d / 'decoder.onnx').read_bytes()); b[len(b) // 2] ^= 1; (d / 'decoder.onnx').write_bytes(bytes(b))
+    with pytest.raises(PackageError, match='decoder.onnx fails its checksum'): load_package(d)
+
+
+def test_kv_batch_greedy_equals_full_window(decoder_package):
+    "Rows joining at different steps, of different lengths, sliding past n_ctx=12: the same greedy tokens as the full window alone."
+    lm, tok, folder = decoder_package
+    p = load_package(folder, threads=1, spin=False)
+    prompts = [tok.encode(s).tolist() for s in ('To be', 'whether tis nobler', 'or', 'a')]
+    outs = _kv_greedy(p.kv_batch(), prompts, [0, 0, 3, 7], 25)
+    def full(prompt):
+        seq = list(prompt)
+        for _ in range(25): seq.append(int(p.logits(np.array(seq[-12:]))[0, -1].argmax()))
+        return seq[len(prompt):]
+    assert outs == [full(q) for q in prompts]
+    assert len({tuple(o) for o in outs}) == 4 and all(len(set(o)) > 3 for o in outs)  # varied text: a real check
+
+
+def test_kv_batch_logits_close_to_torch(decoder_package):
+    lm, tok, folder = decoder_package
+    ids = torch.stack([tok.encode(TEXT[i:i + 12]) for i in (0, 20, 40)])
+    dp = decoder_parity(lm, folder / 'decoder.onnx', ids)
+    assert dp['passed'] and dp['argmax_agreement'] == 1.0 and dp['n'] == 3 * 7
+    kb = load_package(folder).kv_batch()
+    with torch.no_grad(): want = lm(ids).numpy()
+    np.testing.assert_allclose(kb.add(ids[:, :5].tolist()), want[:, 4], atol=1e-4)
+    for t in range(5, 12): np.testing.assert_allclose(kb.step(ids[:, t].numpy()), want[:, t], atol=1e-4)
+
+
+def test_decoder_bad_use(decoder_package, token_package, tiny_lm, tmp_path):
+    lm, tok, folder = decoder_package
+    with pytest.raises(ValueError, match='no decoder.onnx'): load_package(token_package).kv_batch()
+    with pytest.raises(ValueError, match='made for token models'):
+        save_package(lm, tmp_path / 'x', torch.zeros(2, 4, dtype=torch.long), {'kind': 'image_classifier'}, decoder=True)
+    with pytest.raises(ValueError, match="expected a session of export_decoder's graph"): KVBatch(load_package(token_package).session)
+    kb = load_package(folder).kv_batch()
+    with pytest.raises(ValueError, match='one or more prompts'): kb.add([[]])
+    kb.add([[1, 2], [3]])
+    with pytest.raises(ValueError, match=r'one token per row \(2 rows\)'): kb.step([1])
+    kb.remove([0]); assert len(kb) == 1 and kb.lens.tolist() == [1] and kb.tokens == [[3]]
