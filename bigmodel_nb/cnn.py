@@ -186,7 +186,7 @@ from .concepts import count_parameters, machine_info, torch_threads, register_ar
 
 # %% ../nbs/03_cnn.ipynb #ce24ac79
 from .data import image_dataloaders, TensorLoader, RandomCropFlip, cache_dir
-from .learner import Learner, TimeBudget, accuracy, accuracy_on
+from .learner import Learner, TimeBudget, accuracy, accuracy_on, save_model, load_model
 
 # %% ../nbs/03_cnn.ipynb #3173994a
 class FlipTTA(nn.Module):
@@ -388,31 +388,14 @@ def cnn_path(quick:bool=False) -> Path: # the quick model's file instead
 def save_cnn(model:FashionCNN, # a `FashionCNN` (its `cfg` is saved)
              path=None, # the .safetensors file; defaults to `cnn_path()`
              info:dict=None) -> Path: # extra facts for the JSON file (recipe, accuracy, time, machine)
-    "Save the weights as safetensors and the architecture (and `info`) as JSON beside them, each file written atomically"
-    from safetensors.torch import save_file
-    path = Path(path) if path is not None else cnn_path()
-    arch = architecture_of(model)
-    sd = {k: v.detach().cpu().contiguous() for k,v in model.state_dict().items()}
-    with atomic_write(path) as tmp: save_file(sd, str(tmp), metadata={'architecture': json.dumps(arch)})
-    with atomic_write(path.with_suffix('.json')) as tmp: tmp.write_text(json.dumps({'architecture': arch, **(info or {})}, indent=1))
-    return path
+    "Save the weights as safetensors and the architecture (and `info`) as JSON beside them: the training chapter's `save_model`"
+    return save_model(model, Path(path) if path is not None else cnn_path(), info)
 
 def load_cnn(path=None) -> FashionCNN: # a file written by `save_cnn`; defaults to `cnn_path()`
     "Rebuild the model from its saved architecture and load its weights (eval mode); `.info` holds the JSON facts"
-    from safetensors.torch import load_file
     path = Path(path) if path is not None else cnn_path()
     if not path.is_file(): raise FileNotFoundError(f"no saved CNN at {path}; train one with get_trained_cnn()")
-    meta = path.with_suffix('.json')
-    info = json.loads(meta.read_text()) if meta.is_file() else {}
-    if 'architecture' not in info:
-        from safetensors import safe_open
-        with safe_open(str(path), framework='pt') as f: arch = (f.metadata() or {}).get('architecture')
-        if arch is None: raise ValueError(f"{path} names no architecture: it was not written by save_cnn (or by an older version); retrain it")
-        info['architecture'] = json.loads(arch)
-    model = build_architecture(info['architecture'])
-    model.load_state_dict(load_file(str(path)))
-    model.info = info
-    return model.eval()
+    return load_model(path)
 
 # %% ../nbs/03_cnn.ipynb #930bfde7
 def get_trained_cnn(path=None, # the .safetensors file; defaults to `cnn_path(quick)`

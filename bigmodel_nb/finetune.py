@@ -6,9 +6,9 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/finetuning.html.md"""
 
 # %% auto #0
 __all__ = ['PRETRAINED', 'BYLINE', 'PLAYS', 'LORA_TARGETS', 'FT_METHODS', 'bert_mask', 'MaskedLMLoader', 'masked_accuracy',
-           'mlm_encoder', 'pretrain_mlm', 'pretrained_path', 'save_pretrained', 'get_pretrained', 'play_spans',
-           'play_passages', 'few_shot', 'LoRALinear', 'add_lora', 'merge_lora', 'PassageClassifier', 'fine_tune',
-           'finetune_rows', 'summarize']
+           'mlm_encoder', 'pretrain_mlm', 'pretrained_path', 'get_pretrained', 'play_spans', 'play_passages',
+           'few_shot', 'LoRALinear', 'add_lora', 'merge_lora', 'PassageClassifier', 'fine_tune', 'finetune_rows',
+           'summarize']
 
 # %% ../nbs/06a_finetuning.ipynb #2ec9a789
 import math, re, json, time, copy
@@ -16,11 +16,11 @@ from pathlib import Path
 from types import SimpleNamespace
 import torch
 import torch.nn as nn
-from .concepts import count_parameters, machine_info, markdown_table, atomic_write, architecture_of, TransformerConfig
+from .concepts import count_parameters, machine_info, markdown_table, TransformerConfig
 from .data import load_shakespeare, char_lm_dataloaders, TensorLoader, cache_dir
-from .learner import Learner, TimeBudget, GradientClip, ValidateEvery, lm_loss, evaluate, accuracy, _unshared
+from .learner import Learner, TimeBudget, GradientClip, ValidateEvery, lm_loss, evaluate, accuracy, save_model, load_model
 from .attention import Encoder, LM_RECIPES, train_gpt
-from .cnn import load_cnn
+
 
 # %% ../nbs/06a_finetuning.ipynb #668eb4a5
 def bert_mask(ids:torch.Tensor, # token ids of the text, any shape, each in 0..vocab_size-1
@@ -111,18 +111,6 @@ def pretrained_path(kind:str='mlm', # 'mlm' (the encoder) or 'gpt'
     if kind not in PRETRAINED: raise ValueError(f"pretrained kind must be one of {list(PRETRAINED)}, got {kind!r}")
     return cache_dir()/'models'/f"shakespeare_{kind}{'_quick' if quick else ''}.safetensors"
 
-def save_pretrained(model:nn.Module, # a registered architecture (`Encoder`, `GPT`)
-                    path, # the .safetensors file
-                    info:dict=None) -> Path: # facts for the JSON beside it (the training row)
-    "Weights as safetensors (tied tensors stored once each), architecture and `info` as JSON beside them; both written atomically."
-    from safetensors.torch import save_file
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    arch = architecture_of(model)
-    with atomic_write(path) as tmp:
-        save_file(_unshared({k: v.cpu() for k, v in model.state_dict().items()}), str(tmp), metadata={'architecture': json.dumps(arch)})
-    with atomic_write(path.with_suffix('.json')) as tmp: tmp.write_text(json.dumps({'architecture': arch, **(info or {})}, indent=1))
-    return path
-
 def get_pretrained(kind:str, # 'mlm' or 'gpt'
                    split, # the `TextSplit` to train on when it is not cached
                    seconds:float, # training budget when it is not cached
@@ -131,10 +119,10 @@ def get_pretrained(kind:str, # 'mlm' or 'gpt'
     "The cached pretrained model (`.info` holds its training row); trained with `pretrain_mlm` / `train_gpt` and saved when absent."
     path = pretrained_path(kind)
     if quick and (retrain or not path.is_file()): path = pretrained_path(kind, quick=True)
-    if path.is_file() and not retrain: return load_cnn(path)  # the CNN chapter's loader rebuilds any registered architecture
+    if path.is_file() and not retrain: return load_model(path)
     model, row, curve = pretrain_mlm(split, seconds) if kind == 'mlm' else train_gpt('gpt', split, seconds)
-    save_pretrained(model, path, {**row, 'curve': curve, 'split_chars': len(split.train) + len(split.valid)})
-    return load_cnn(path)
+    save_model(model, path, {**row, 'curve': curve, 'split_chars': len(split.train) + len(split.valid)})
+    return load_model(path)
 
 # %% ../nbs/06a_finetuning.ipynb #f9691890
 BYLINE = '\n\nby William Shakespeare\n'

@@ -28,7 +28,7 @@ __all__ = ['events', 'schedules', 'digits_cnn', 'seed_fit', 'accuracy_on', 'Canc
            'CancelStepException', 'Callback', 'Learner', 'accuracy', 'confusion_matrix', 'precision', 'recall',
            'f1_score', 'perplexity', 'lm_loss', 'bits_per_char', 'plot_confusion_matrix', 'EpochBatches', 'Recorder',
            'ProgressCB', 'StopAfter', 'sched_one_cycle', 'sched_cos', 'LRSchedule', 'TimeBudget', 'evaluate',
-           'ValidateEvery', 'EarlyStopping', 'GradientClip', 'MixedPrecision', 'Checkpoint']
+           'ValidateEvery', 'EarlyStopping', 'GradientClip', 'MixedPrecision', 'Checkpoint', 'save_model', 'load_model']
 
 # %% ../nbs/02_training.ipynb #6461e22a
 def digits_cnn(c_in:int=1, # input channels
@@ -1000,3 +1000,32 @@ def _set_rng_state(t, meta, data):
     kind, pos, has_gauss, cached = meta['numpy']
     np.random.set_state((kind, t['__rng__.numpy'].numpy().astype(np.uint32), pos, has_gauss, cached))
     v, st, gauss = meta['python']; random.setstate((v, tuple(st), gauss))
+
+# %% ../nbs/02_training.ipynb #26a9da15
+from .concepts import architecture_of, build_architecture
+
+def save_model(model:nn.Module, # a model of a registered class (`register_architecture`)
+               path, # the .safetensors file; the JSON goes beside it
+               info:dict=None) -> Path: # facts for the JSON file (recipe, accuracy, time, machine)
+    "Weights as safetensors and the architecture (and `info`) as JSON beside them, each file written atomically."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    arch = architecture_of(model)
+    with atomic_write(path) as tmp: save_file(_unshared({k: v.cpu() for k, v in model.state_dict().items()}), str(tmp),
+                                              metadata={'architecture': json.dumps(arch)})
+    with atomic_write(path.with_suffix('.json')) as tmp: tmp.write_text(json.dumps({'architecture': arch, **(info or {})}, indent=1))
+    return path
+
+def load_model(path) -> nn.Module: # a file written by `save_model`
+    "The model rebuilt from its saved architecture with its weights (eval mode); `.info` holds the JSON facts."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"no saved model at {path}")
+    meta = path.with_suffix('.json')
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    if 'architecture' not in info:  # the JSON is missing: the safetensors metadata has the architecture too
+        with safe_open(str(path), framework='pt') as f: arch = (f.metadata() or {}).get('architecture')
+        if arch is None: raise ValueError(f"{path} names no architecture: it was not written by save_model; save the model with it")
+        info['architecture'] = json.loads(arch)
+    model = build_architecture(info['architecture'])
+    with safe_open(str(path), framework='pt') as f: model.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    model.info = info
+    return model.eval()
