@@ -16,9 +16,13 @@ References in the same run: the in-process `Predictor` at batch 1 and at 32 and 
 what batching can win follows: off, a request costs h + m1 (HTTP + the model alone); on, at best h + m32 (32
 requests in flight fill at most a batch of 32); the bound is (h + m1) / (h + m32), with h = 1 / floor throughput at c=32.
 The choices (model on the event loop or in a thread; ONNX Runtime threads; spinning) are measured at concurrency 32.
-Generation: 16 concurrent streams of 32 tokens each on the concepts chapter's TransformerLM (0.8M parameters,
-untrained, packaged with `save_package`), decoded one at a time (`generation_batch_size=1`) vs together (16),
-with the model's own step cost at batch 1 and 16 in-process.
+Generation (`--generation-only` reruns it alone, keeping the image part of the results): 16 concurrent streams of
+32 tokens each on the concepts chapter's TransformerLM (0.8M parameters, untrained), packaged with its key/value-cache
+decoder (`save_package(..., decoder=True)`) and without it; the server in its own process, a stream load generator
+(`--genload`: `measure_generation`, asyncio on raw sockets) in another, its ceiling measured first against a minimal streaming responder
+(`--sse-echo`); decoded one at a time (`generation_batch_size=1`) vs together (16), with the model's own step costs
+at batch 1 and 16 in-process (the bound 16 x step(1) / step(16)). Goal: >= 8x; `--generation-only`'s last line is
+`serving generation 16 streams together / one at a time: RATIO`.
 
 Goals: at concurrency 32 the model server reaches >= 0.7x the floor's throughput; batching on/off reaches >= 80% of the
 bound; zero errors. Last line: `serving server/floor at c=32: RATIO` (the lower of JSON and binary).
@@ -66,40 +70,32 @@ def loadgen(port, reqfile, concurrency, total):
     print(json.dumps(asyncio.run(_load(int(port), reqs, int(concurrency), int(total)))))
 
 
-async def _stream(port, body, out):
-    "One generate_stream request on its own connection: its events (tokens) counted as they arrive, the first one timed."
-    r, w = await asyncio.open_connection('127.0.0.1', port)
-    w.get_extra_info('socket').setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    t0 = time.perf_counter(); w.write(body)
-    head = await r.readuntil(b'\r\n\r\n'); status, first, n = int(head[9:12]), None, 0
-    while status == 200:  # chunked: one chunk per server-sent event
-        size = int((await r.readuntil(b'\r\n'))[:-2], 16); chunk = await r.readexactly(size + 2)
-        if size == 0: break
-        n += chunk.count(b'data: ')
-        if first is None: first = time.perf_counter() - t0
-    out.append({'status': status, 'tokens': n, 'ttft': first, 'seconds': time.perf_counter() - t0}); w.close()
-
-
-async def _generation_load(port, bodies):
-    out = []; t = time.perf_counter()
-    await asyncio.gather(*[_stream(port, b, out) for b in bodies])
-    return out, time.perf_counter() - t
-
-
-def genload(port, reqfile):
-    "Every generate_stream request in the file at once, each on its own connection: tokens/s overall, time to first token."
+def genload(port, model, promptfile, max_tokens):
+    "Every prompt streamed at once through `measure_generation` (asyncio, raw sockets, one connection per stream)."
     _install_uvloop()
-    out, dt = asyncio.run(_generation_load(int(port), pickle.loads(Path(reqfile).read_bytes())))
-    ttft = sorted(o['ttft'] for o in out if o['ttft'] is not None)
-    print(json.dumps({'streams': len(out), 'tokens': sum(o['tokens'] for o in out), 'seconds': dt,
-                      'tokens_per_s': sum(o['tokens'] for o in out) / dt, 'ttft_median_s': ttft[len(ttft) // 2] if ttft else None,
-                      'ttft_max_s': ttft[-1] if ttft else None, 'errors': sum(o['status'] != 200 for o in out)}))
+    from bigmodel_nb.serve import measure_generation
+    print(json.dumps(measure_generation(f'http://127.0.0.1:{port}', model, json.loads(Path(promptfile).read_text()), int(max_tokens))))
 
 
-def generate_bytes(model, prompt, max_tokens):
-    body = json.dumps({'text_input': prompt, 'parameters': {'max_tokens': max_tokens}}).encode()
-    return (f'POST /v2/models/{model}/generate_stream HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n'
-            f'content-length: {len(body)}\r\n\r\n').encode() + body
+def sse_echo(port, tokens):
+    "A minimal streaming responder: answers each request with `tokens` server-sent events, one chunk each (the stream client's ceiling)."
+    _install_uvloop()
+    head = b'HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n'
+    event = b'data: {"model_name":"m","model_version":"1","text_output":"a"}\n\n'
+    chunk = b'%x\r\n' % len(event) + event + b'\r\n'
+    async def handle(r, w):
+        w.get_extra_info('socket').setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                h = await r.readuntil(b'\r\n\r\n'); low = h.lower(); k = low.index(b'\r\ncontent-length:') + 17
+                await r.readexactly(int(low[k:low.index(b'\r\n', k)])); w.write(head)
+                for _ in range(int(tokens)): w.write(chunk); await asyncio.sleep(0)  # one write per event, as the server does
+                w.write(b'0\r\n\r\n')
+        except (asyncio.IncompleteReadError, ConnectionError): w.close()
+    async def main():
+        srv = await asyncio.start_server(handle, '127.0.0.1', int(port)); print('ready', flush=True)
+        async with srv: await srv.serve_forever()
+    asyncio.run(main())
 
 
 def echo(port):
@@ -198,20 +194,20 @@ def generation(tmp):
             def cached(): kb.step(x[:b, t - 1]); kb.lens -= 1  # the same step again
             step_ms['key/value cache', b, t] = float(np.median(time_calls(cached, 200, 20))) * 1e3
     print(step_ms, flush=True)
-    reqs = {}
-    for model in ('char-gpt', 'char-gpt-window'):
-        reqs[model] = tmp/f'gen-{model}.pkl'
-        reqs[model].write_bytes(pickle.dumps([generate_bytes(model, text[i * 997:i * 997 + GEN_PROMPT], GEN_TOKENS) for i in range(GEN_STREAMS)]))
-    warm = tmp/'gen-warm.pkl'; warm.write_bytes(pickle.dumps([generate_bytes(m, 'ROMEO:', 4) for m in reqs]))
+    prompts = tmp/'gen-prompts.json'; prompts.write_text(json.dumps([text[i * 997:i * 997 + GEN_PROMPT] for i in range(GEN_STREAMS)]))
+    # the stream client's own ceiling: the same requests against a responder that streams GEN_TOKENS events at once
+    port = free_port(); echo_proc = start(['--sse-echo', str(port), str(GEN_TOKENS)], port)
+    ceiling = sorted((run_gen(port, 'char-gpt', prompts) for _ in range(5)), key=lambda r: r['tokens_per_s'])[2]
+    stop(echo_proc); print(f"stream client ceiling: {ceiling['tokens_per_s']:.0f} tokens/s", flush=True)
     gen = []
     for gb in (1, GEN_STREAMS):
         port = free_port()
         proc = start(['--server', str(repo), str(port), json.dumps(dict(threads=1, spin=False, generation_batch_size=gb, max_queue=4096))],
                      port, f'http://127.0.0.1:{port}/v2/health/ready')
         try:
-            run_gen(port, warm)
             for model, label in (('char-gpt', 'key/value cache'), ('char-gpt-window', 'full window')):
-                rs = [run_gen(port, reqs[model]) for _ in range(3)]
+                run_gen(port, model, prompts, 4)  # warm-up
+                rs = [run_gen(port, model, prompts) for _ in range(3)]
                 r = sorted(rs, key=lambda r: r['tokens_per_s'])[1]  # the median of 3 runs
                 gen.append({'graph': label, 'decoding': 'one at a time' if gb == 1 else f'{gb} together', **r}); print(gen[-1], flush=True)
         finally: stop(proc)
@@ -221,9 +217,11 @@ def generation(tmp):
     lines = [f'## Generation: {GEN_STREAMS} concurrent streams, {GEN_TOKENS} tokens each after a {GEN_PROMPT}-character prompt, '
              f'TransformerLM ({n_params:,} parameters, char vocabulary of {tok.vocab_size}, untrained)', '',
              'Server in its own process (1 ONNX Runtime thread, not spinning, decoding steps in a worker thread); the load generator '
-             '(`--genload`: raw asyncio sockets, TCP_NODELAY, one connection per stream, server-sent events counted as they arrive) '
+             '(`--genload`: `measure_generation`, asyncio on raw sockets, TCP_NODELAY, one connection per stream, server-sent events counted as they arrive) '
              'in another. Each row: the median of 3 runs by tokens per second. The same package twice: with its `decoder.onnx` '
              '(key/value cache) and without it (the whole window each step).', '',
+             f'Stream client ceiling (the load generator against a minimal responder that streams {GEN_TOKENS} events per request, '
+             f'{GEN_STREAMS} streams at once): {ceiling["tokens_per_s"]:.0f} tokens/s.', '',
              markdown_table(gen, ['graph', 'decoding', 'streams', 'tokens', 'errors', 'seconds', 'tokens_per_s', 'ttft_median_s', 'ttft_max_s'],
                             fmt={'seconds': '.2f', 'tokens_per_s': '.0f', 'ttft_median_s': '.4f', 'ttft_max_s': '.4f'}), '',
              'One decoding step in-process, ms (1 thread): ' + ', '.join(f'{g}, batch {b} at {t} tokens: {v:.3f}' for (g, b, t), v in step_ms.items()) + '.', '']
@@ -238,8 +236,8 @@ def generation(tmp):
     return lines, f"serving generation {GEN_STREAMS} streams together / one at a time: {ratio['key/value cache']:.2f}"
 
 
-def run_gen(port, reqfile):
-    out = subprocess.run([sys.executable, __file__, '--genload', str(port), str(reqfile)], capture_output=True, text=True, check=True)
+def run_gen(port, model, promptfile, max_tokens=GEN_TOKENS):
+    out = subprocess.run([sys.executable, __file__, '--genload', str(port), model, str(promptfile), str(max_tokens)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
@@ -354,6 +352,7 @@ if __name__ == '__main__':
     if sys.argv[1:2] == ['--loadgen']: loadgen(*sys.argv[2:6])
     elif sys.argv[1:2] == ['--echo']: echo(sys.argv[2])
     elif sys.argv[1:2] == ['--server']: server(*sys.argv[2:5])
-    elif sys.argv[1:2] == ['--genload']: genload(*sys.argv[2:4])
+    elif sys.argv[1:2] == ['--genload']: genload(*sys.argv[2:6])
+    elif sys.argv[1:2] == ['--sse-echo']: sse_echo(*sys.argv[2:4])
     elif sys.argv[1:2] == ['--generation-only']: generation_only()
     else: sys.exit(main())

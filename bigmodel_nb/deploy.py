@@ -6,7 +6,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/deployment.html.md"""
 
 # %% ../nbs/08_deployment.ipynb #7ebc9174
 from __future__ import annotations
-import base64, contextlib, functools, hashlib, io, json, os
+import base64, contextlib, functools, hashlib, io, json, os, warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -814,7 +814,7 @@ def sign_package(folder, # a package folder written by `save_package`
     _write_signature(Path(folder), key)
     return key_id(key)
 
-# %% ../nbs/08_deployment.ipynb #20b6103e
+# %% ../nbs/08_deployment.ipynb #b85144b0
 _DECODER_PARTS = {}  # model class -> function(model) returning its `DecoderParts`
 
 class DecoderParts(NamedTuple):
@@ -837,7 +837,7 @@ def decoder_parts(model:nn.Module) -> DecoderParts:
     return f(model)
 
 
-# %% ../nbs/08_deployment.ipynb #1c2563ca
+# %% ../nbs/08_deployment.ipynb #b2cfcd2f
 def _lm_parts(lm:TransformerLM) -> DecoderParts:
     "The concepts chapter's `TransformerLM` (torch.nn encoder layers, learned positions)."
     def embed(ids, positions):
@@ -864,7 +864,7 @@ def _gpt_parts(gpt:GPT) -> DecoderParts:
 register_decoder(TransformerLM, _lm_parts); register_decoder(GPT, _gpt_parts);
 
 
-# %% ../nbs/08_deployment.ipynb #e4b4c5e5
+# %% ../nbs/08_deployment.ipynb #ab3bba13
 def _rotate(rot, x, positions):
     "Rotary positions at per-row positions: x (B, H, S, d_head), positions (B, S)."
     h = x.shape[-1] // 2
@@ -904,7 +904,7 @@ class DecoderWithPast(nn.Module):
         return p.final(x), torch.stack(keys), torch.stack(values)
 
 
-# %% ../nbs/08_deployment.ipynb #6f5d28c7
+# %% ../nbs/08_deployment.ipynb #54379a5a
 def export_decoder(model:nn.Module, # a causal LM of a class registered with `register_decoder`
                    path, # the `.onnx` file to write: one file, the weights inside
                    quiet:bool=True, # hide the exporter's progress lines
@@ -923,7 +923,8 @@ def export_decoder(model:nn.Module, # a causal LM of a class registered with `re
     was_training = model.training
     try:
         with atomic_write(path) as part:
-            with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext(), warnings.catch_warnings():
+                if quiet: warnings.filterwarnings('ignore', message='# The axis name')  # the exporter's note on axes named twice
                 torch.onnx.export(dec, example, str(part), dynamo=True, external_data=False, input_names=names,
                                   output_names=['logits', 'new_keys', 'new_values'],
                                   dynamic_shapes=({0: B, 1: S}, {0: B, 1: S}, {0: B, 1: P}, kv))
@@ -949,7 +950,7 @@ def decoder_parity(model:nn.Module, # the torch model
             'atol': atol, 'passed': diff <= atol}
 
 
-# %% ../nbs/08_deployment.ipynb #181d1dab
+# %% ../nbs/08_deployment.ipynb #0cc5ae0c
 class KVBatch:
     "Sequences decoded together by a `decoder.onnx` session, their keys and values cached, each row at its own length; rows join and leave at any step."
     SLOTS_STEP = 16  # the cache grows by this many slots at a time
@@ -978,7 +979,7 @@ class KVBatch:
             b = np.zeros((R2, self.n_heads, T2, self.d_head), np.float32); b[:R, :, :T] = a; self.kv[i] = b
 
 
-# %% ../nbs/08_deployment.ipynb #b99f85e1
+# %% ../nbs/08_deployment.ipynb #cbe279c3
 @patch
 def _prefill(self:KVBatch, windows:list, rows:list) -> np.ndarray:
     "Compute the keys and values of each window (a list of ids) into its row; the logits after each window's last token."
@@ -1024,9 +1025,10 @@ def step(self:KVBatch, tokens) -> np.ndarray: # one new token id per row
 
 @patch
 def remove(self:KVBatch, rows): # indices of the rows to drop; the others keep their order
-    "Drop rows (finished or cancelled sequences)."
+    "Drop rows (finished or cancelled sequences); an empty batch gives its memory back."
     drop = set(int(i) for i in rows); keep = [i for i in range(len(self)) if i not in drop]
     if not drop: return
+    if not keep: self.kv = [a[:0, :, :0].copy() for a in self.kv]  # every step reads every slot: start small again
     for a in self.kv: a[:len(keep)] = a[keep]
     self.lens, self.tokens = self.lens[keep], [self.tokens[i] for i in keep]
 

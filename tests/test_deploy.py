@@ -705,3 +705,5 @@ def test_decoder_bad_use(decoder_package, token_package, tiny_lm, tmp_path):
     kb.add([[1, 2], [3]])
     with pytest.raises(ValueError, match=r'one token per row \(2 rows\)'): kb.step([1])
     kb.remove([0]); assert len(kb) == 1 and kb.lens.tolist() == [1] and kb.tokens == [[3]]
+    kb.remove([0]); assert len(kb) == 0 and kb.kv[0].shape[0] == kb.kv[0].shape[2] == 0  # empty: the memory goes back
+    assert kb.add([[4, 5, 6]]).shape == (1, tok.vocab_size) and kb.lens.tolist() == [3]
