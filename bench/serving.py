@@ -249,6 +249,8 @@ def generation_only():
     tmp = Path(tempfile.mkdtemp(prefix='bench-serving-'))
     old = (RESULTS/'serving.md').read_text().split('\n', 2)[2] if (RESULTS/'serving.md').is_file() else ''
     head = old[:old.index('## Generation')] if '## Generation' in old else old
+    head = ''.join(l for l in head.splitlines(True) if not l.startswith('Generation part rerun alone'))
+    head = head.rstrip('\n') + '\n\n'
     lines, figure = generation(tmp)
     write_results('serving', 'Model server under load', head + f'Generation part rerun alone on {info}.\n\n' + '\n'.join(lines))
     shutil.rmtree(tmp, ignore_errors=True)
