@@ -169,10 +169,9 @@ def generation(tmp):
     (its own process), decoded one at a time vs together, with and without the package's key/value-cache decoder.
     Returns the results' lines and the goal's line."""
     import numpy as np, torch
-    from bigmodel_nb.concepts import machine_info, markdown_table, time_calls, TransformerConfig, TransformerLM, free_port
+    from bigmodel_nb.concepts import markdown_table, time_calls, TransformerConfig, TransformerLM, free_port
     from bigmodel_nb.data import load_shakespeare, CharTokenizer
-    from bigmodel_nb.deploy import save_package, token_config, load_package, KVBatch
-    from bigmodel_nb.compress import ort_session
+    from bigmodel_nb.deploy import save_package, token_config, load_package
     torch.set_num_threads(1)
     text = str(load_shakespeare(verbose=False))[:200000]; tok = CharTokenizer(text)
     torch.manual_seed(0)
@@ -260,12 +259,10 @@ def generation_only():
 def main():
     import numpy as np, torch
     from _results import write_results
-    from bigmodel_nb.concepts import machine_info, markdown_table, time_calls, TransformerConfig, TransformerLM
-    from bigmodel_nb.data import channel_stats, load_fashion_mnist, normalize, load_shakespeare, CharTokenizer
-    from bigmodel_nb.deploy import save_package, image_config, token_config, load_package
+    from bigmodel_nb.concepts import machine_info, markdown_table, time_calls, free_port
+    from bigmodel_nb.data import channel_stats, load_fashion_mnist, normalize
+    from bigmodel_nb.deploy import save_package, image_config, load_package
     from bigmodel_nb.cnn import get_trained_cnn, cnn_path
-    from bigmodel_nb.concepts import free_port
-    from bigmodel_nb.serve import ServerThread, create_app, measure_generation
     torch.set_num_threads(1)
     info = machine_info(); print(info, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix='bench-serving-'))
