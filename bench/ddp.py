@@ -11,6 +11,9 @@ machine). On both ranks, in lockstep, `concepts.interleaved_rounds` times (a bar
 - `hand-written DDP`: the textbook loop (`DistributedDataParallel`, `zero_grad`, forward, loss, backward, step) over
   the same sharded batches;
 - `Learner`: `Learner.fit(1)` after `to_distributed()`, the same 16 batches, no validation;
+  these two runs end with a barrier inside the timed part, so each is timed until both ranks are done (the Learner
+  gathers the epoch's losses at its end, which waits for the slower rank; the bare loop would otherwise stop rank 0's
+  clock before rank 1 has finished);
 - `one process, whole batch`: B items per step, no communication (both ranks do it at once, as 2 single runs would).
 The step-time model is evaluated twice: with textbook inputs (one rank's compute alone, the bandwidth of back-to-back
 all-reduces), and with the inputs a synchronous step sees (compute paced by the slower rank, the bandwidth of an
@@ -84,8 +87,8 @@ def timings(x, y):
         'compute in lockstep (a barrier after each step)': lambda _: lockstep(False),
         'all-reduce (gradient bytes)': lambda _: [dist.all_reduce(buf) for _ in range(STEPS)],
         'compute in lockstep, then the all-reduce': lambda _: lockstep(True),
-        HAND: lambda _: loop(ddp_net, ddp_opt, ShardedLoader(loader(), r, w)),
-        LEARNER: lambda _: learn.fit(1),
+        HAND: lambda _: (loop(ddp_net, ddp_opt, ShardedLoader(loader(), r, w)), dist.barrier()),
+        LEARNER: lambda _: (learn.fit(1), dist.barrier()),  # each timed until both ranks are done
         'one process, whole batch (B per step)': lambda _: loop(whole, whole_opt, loader()),
     }
     setups = {n: dist.barrier for n in runners}  # untimed: every run starts with both ranks at the line

@@ -481,8 +481,10 @@ class LMRecipe:
 LM_RECIPES = {
     'nanogpt': LMRecipe(dict(n_ctx=64, d_model=128, n_layers=4, n_heads=4, bias=False), 12, 1e-3, 0.1,
                         "nanoGPT's CPU recipe (shakespeare_char, 4 layers, 128 wide, context 64, batch 12)"),
-    'gpt': LMRecipe(dict(n_ctx=128, d_model=128, n_layers=4, n_heads=4, bias=False, positions='rotary'), 16, 3e-3, 0.1,
-                    "this chapter's GPT: the same width and depth, rotary positions, context 128, batch 16, peak rate 3e-3"),
+    'gpt': LMRecipe(dict(n_ctx=64, d_model=128, n_layers=4, n_heads=4, bias=False, positions='rotary'), 32, 2e-3, 0.1,
+                    "this chapter's GPT: the same width, depth and context, rotary positions, batch 32, peak rate 2e-3"),
+    'gpt_ctx128': LMRecipe(dict(n_ctx=128, d_model=128, n_layers=4, n_heads=4, bias=False, positions='rotary'), 16, 3e-3, 0.1,
+                           "rotary positions, context 128, batch 16, peak rate 3e-3 (the pretraining chapter's encoder and GPT)"),
 }
 
 # %% ../nbs/05_attention.ipynb #8ce61885

@@ -69,7 +69,7 @@ def masked_accuracy(preds, # logits (B, T, V)
 
 # %% ../nbs/06a_finetuning.ipynb #9ec41b84
 def mlm_encoder(vocab_size:int, # tokens of the text (MASK is added as id `vocab_size`)
-                recipe='gpt', # a key of `LM_RECIPES` or an `LMRecipe`: the encoder gets the same architecture
+                recipe='gpt_ctx128', # a key of `LM_RECIPES` or an `LMRecipe`: the encoder gets the same architecture
                 seed:int=0) -> Encoder: # seed of the initial weights
     "A fresh `Encoder` with a GPT recipe's architecture, its vocabulary one larger for MASK."
     r = LM_RECIPES.get(recipe) if isinstance(recipe, str) else recipe
@@ -79,7 +79,7 @@ def mlm_encoder(vocab_size:int, # tokens of the text (MASK is added as id `vocab
 
 def pretrain_mlm(split, # a `TextSplit` (`shakespeare_split()`)
                  seconds:float, # training time budget
-                 recipe='gpt', # architecture, batch size, peak rate and weight decay, from `LM_RECIPES`
+                 recipe='gpt_ctx128', # architecture, batch size, peak rate and weight decay, from `LM_RECIPES`
                  p:float=0.15, # share of positions masked
                  seed:int=0, # seed of weights, batches and masks
                  valid_every:float=None, # seconds between validations; default seconds / 4
@@ -120,7 +120,7 @@ def get_pretrained(kind:str, # 'mlm' or 'gpt'
     path = pretrained_path(kind)
     if quick and (retrain or not path.is_file()): path = pretrained_path(kind, quick=True)
     if path.is_file() and not retrain: return load_model(path)
-    model, row, curve = pretrain_mlm(split, seconds) if kind == 'mlm' else train_gpt('gpt', split, seconds)
+    model, row, curve = pretrain_mlm(split, seconds) if kind == 'mlm' else train_gpt('gpt_ctx128', split, seconds)
     save_model(model, path, {**row, 'curve': curve, 'split_chars': len(split.train) + len(split.valid)})
     return load_model(path)
 
