@@ -1001,7 +1001,7 @@ def _set_rng_state(t, meta, data):
     np.random.set_state((kind, t['__rng__.numpy'].numpy().astype(np.uint32), pos, has_gauss, cached))
     v, st, gauss = meta['python']; random.setstate((v, tuple(st), gauss))
 
-# %% ../nbs/02_training.ipynb #26a9da15
+# %% ../nbs/02_training.ipynb #dc505d3b
 from .concepts import architecture_of, build_architecture
 
 def save_model(model:nn.Module, # a model of a registered class (`register_architecture`)
