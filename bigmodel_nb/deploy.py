@@ -22,7 +22,6 @@ from safetensors.torch import save as st_save, load as st_load
 
 from .concepts import (architecture_of, build_architecture, atomic_write, time_stats, interleaved_rounds,
                                   markdown_table, TransformerLM)
-from .attention import GPT  # the attention chapter's model, for its decoder step
 from .data import CharTokenizer
 from .compress import ort_quantize_static  # static INT8 (QDQ), from the compression chapter
 
@@ -815,7 +814,7 @@ def sign_package(folder, # a package folder written by `save_package`
     return key_id(key)
 
 # %% ../nbs/08_deployment.ipynb #b85144b0
-_DECODER_PARTS = {}  # model class -> function(model) returning its `DecoderParts`
+_DECODER_PARTS = {}  # 'module.ClassName' -> function(model) returning its `DecoderParts`
 
 class DecoderParts(NamedTuple):
     "What a decoder step needs from a transformer language model, whatever its class names them."
@@ -824,16 +823,18 @@ class DecoderParts(NamedTuple):
     final:object # hidden states (B, S, d) -> logits (B, S, vocab)
     n_heads:int # attention heads
 
-def register_decoder(cls, # a model class
+def _class_key(cls) -> str: return f"{cls.__module__}.{cls.__qualname__}"
+
+def register_decoder(cls, # a model class, or its 'module.ClassName' (registered without importing its module)
                      parts): # model -> `DecoderParts`
     "Let `DecoderWithPast` (and `save_package(..., decoder=True)`) step models of class `cls` with a key/value cache."
-    _DECODER_PARTS[cls] = parts; return cls
+    _DECODER_PARTS[cls if isinstance(cls, str) else _class_key(cls)] = parts; return cls
 
 def decoder_parts(model:nn.Module) -> DecoderParts:
     "The `DecoderParts` of a model whose class was registered with `register_decoder`."
-    f = next((f for c, f in _DECODER_PARTS.items() if type(model) is c), None)
+    f = _DECODER_PARTS.get(_class_key(type(model)))
     if f is None: raise ValueError(f"no decoder step for {type(model).__name__}: expected one of "
-                                   f"{[c.__name__ for c in _DECODER_PARTS]} (or call register_decoder for its class)")
+                                   f"{[c.rsplit('.', 1)[-1] for c in _DECODER_PARTS]} (or call register_decoder for its class)")
     return f(model)
 
 
@@ -849,7 +850,7 @@ def _lm_parts(lm:TransformerLM) -> DecoderParts:
     final = lambda x: lm.head(lm.blocks.norm(x) if lm.blocks.norm is not None else x)
     return DecoderParts(embed, layers, final, lm.cfg.n_heads)
 
-def _gpt_parts(gpt:GPT) -> DecoderParts:
+def _gpt_parts(gpt) -> DecoderParts: # the attention chapter's `GPT`
     "The attention chapter's `GPT` (learned, sinusoidal, rotary or no positions)."
     def embed(ids, positions):
         x = gpt.tok_emb(ids)
@@ -861,7 +862,8 @@ def _gpt_parts(gpt:GPT) -> DecoderParts:
                    rotary=b.attn.rotary) for b in gpt.blocks]
     return DecoderParts(embed, layers, lambda x: gpt.head(gpt.ln_f(x)), gpt.cfg.n_heads)
 
-register_decoder(TransformerLM, _lm_parts); register_decoder(GPT, _gpt_parts);
+register_decoder(TransformerLM, _lm_parts)
+register_decoder('bigmodel_nb.attention.GPT', _gpt_parts);  # by name: importing chapter 05 here would register its classes again
 
 
 # %% ../nbs/08_deployment.ipynb #ab3bba13

@@ -366,8 +366,7 @@ def generate(model:nn.Module, # maps (B, T) ids to (B, T, V) logits; with `step(
              temperature:float=1.0, # > 0; below 1 sharper, above 1 flatter
              top_k:int=None, # sample among the k most likely characters only; None: all
              seed:int=0, # seed of the sampling RNG (the global RNG is left alone)
-             context:int=None, # a fixed-context model's window; default `model.cfg.n_ctx` if it has one
-             step_threads:int=1) -> str: # torch threads for the one-token steps of a model with `step`; None: as set
+             context:int=None) -> str: # a fixed-context model's window; default `model.cfg.n_ctx` if it has one
     "The prompt followed by `n` sampled characters"
     if not temperature > 0: raise ValueError(f"temperature must be > 0, got {temperature}; use a small value such as 0.1 for nearly greedy sampling")
     if top_k is not None and not (isinstance(top_k, int) and top_k >= 1): raise ValueError(f"top_k must be an integer ≥ 1 (or None for all characters), got {top_k!r}")
@@ -381,18 +380,17 @@ def generate(model:nn.Module, # maps (B, T) ids to (B, T, V) logits; with `step(
     context = context or getattr(getattr(model, 'cfg', None), 'n_ctx', None)
     try:
         logits, state = model.step(ids) if recurrent else (model(ids[:, -context:] if context else ids), None)
-        with torch_threads(step_threads if recurrent else None):  # one token's ops are too small to share between threads
-            for _ in range(n):
-                z = logits[0, -1].float() / temperature
-                if top_k == 1: nxt = z.argmax(-1, keepdim=True)[None]  # greedy: what sampling the one remaining character gives
-                else:
-                    if top_k: z = z.masked_fill(z < z.topk(min(top_k, z.numel())).values[-1], -float('inf'))
-                    nxt = torch.multinomial(z.softmax(-1), 1, generator=g)[None]
-                out.append(nxt)
-                if recurrent: logits, state = model.step(nxt, state)
-                else:
-                    ids = torch.cat(out, 1)
-                    logits = model(ids[:, -context:] if context else ids)
+        for _ in range(n):
+            z = logits[0, -1].float() / temperature
+            if top_k == 1: nxt = z.argmax(-1, keepdim=True)[None]  # greedy: what sampling the one remaining character gives
+            else:
+                if top_k: z = z.masked_fill(z < z.topk(min(top_k, z.numel())).values[-1], -float('inf'))
+                nxt = torch.multinomial(z.softmax(-1), 1, generator=g)[None]
+            out.append(nxt)
+            if recurrent: logits, state = model.step(nxt, state)
+            else:
+                ids = torch.cat(out, 1)
+                logits = model(ids[:, -context:] if context else ids)
     finally: model.train(was)
     return tokenizer.decode(torch.cat(out, 1)[0])
 
