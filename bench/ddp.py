@@ -75,7 +75,7 @@ def timings(x, y):
     ddp_net = nn.parallel.DistributedDataParallel(fresh()); ddp_opt = sgd(ddp_net.parameters())
     learn = Learner(fresh(), (loader(), None), F.cross_entropy, sgd, lr=LR, progress=False, device='cpu').to_distributed()
     buf = torch.ones(grad_bytes // 4)
-    lock, lock_opt = fresh(), None; lock_opt = sgd(lock.parameters())
+    lock = fresh(); lock_opt = sgd(lock.parameters())
     after_compute = []  # seconds of each all-reduce issued right after a compute step, as training issues it
     def lockstep(with_allreduce):
         for xb, yb in ShardedLoader(loader(), r, w):

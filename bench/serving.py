@@ -77,20 +77,15 @@ def genload(port, model, promptfile, max_tokens):
     print(json.dumps(measure_generation(f'http://127.0.0.1:{port}', model, json.loads(Path(promptfile).read_text()), int(max_tokens))))
 
 
-def sse_echo(port, tokens):
-    "A minimal streaming responder: answers each request with `tokens` server-sent events, one chunk each (the stream client's ceiling)."
+def _raw_server(port, respond):
+    "A minimal HTTP/1.1 server: reads each request by Content-Length and calls `respond(writer)` (awaitable) to answer it."
     _install_uvloop()
-    head = b'HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n'
-    event = b'data: {"model_name":"m","model_version":"1","text_output":"a"}\n\n'
-    chunk = b'%x\r\n' % len(event) + event + b'\r\n'
     async def handle(r, w):
         w.get_extra_info('socket').setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             while True:
-                h = await r.readuntil(b'\r\n\r\n'); low = h.lower(); k = low.index(b'\r\ncontent-length:') + 17
-                await r.readexactly(int(low[k:low.index(b'\r\n', k)])); w.write(head)
-                for _ in range(int(tokens)): w.write(chunk); await asyncio.sleep(0)  # one write per event, as the server does
-                w.write(b'0\r\n\r\n')
+                head = await r.readuntil(b'\r\n\r\n'); low = head.lower(); k = low.index(b'\r\ncontent-length:') + 17
+                await r.readexactly(int(low[k:low.index(b'\r\n', k)])); await respond(w)
         except (asyncio.IncompleteReadError, ConnectionError): w.close()
     async def main():
         srv = await asyncio.start_server(handle, '127.0.0.1', int(port)); print('ready', flush=True)
@@ -98,21 +93,23 @@ def sse_echo(port, tokens):
     asyncio.run(main())
 
 
+def sse_echo(port, tokens):
+    "A minimal streaming responder: answers each request with `tokens` server-sent events, one chunk each (the stream client's ceiling)."
+    head = b'HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n'
+    event = b'data: {"model_name":"m","model_version":"1","text_output":"a"}\n\n'
+    chunk = b'%x\r\n' % len(event) + event + b'\r\n'
+    async def respond(w):
+        w.write(head)
+        for _ in range(int(tokens)): w.write(chunk); await asyncio.sleep(0)  # one write per event, as the server does
+        w.write(b'0\r\n\r\n')
+    _raw_server(port, respond)
+
+
 def echo(port):
-    "A minimal HTTP/1.1 responder: reads each request by Content-Length, answers 200 with a small fixed body."
-    _install_uvloop()
+    "A minimal HTTP/1.1 responder: answers each request 200 with a small fixed body."
     answer = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}'
-    async def handle(r, w):
-        w.get_extra_info('socket').setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            while True:
-                head = await r.readuntil(b'\r\n\r\n'); low = head.lower(); k = low.index(b'\r\ncontent-length:') + 17
-                await r.readexactly(int(low[k:low.index(b'\r\n', k)])); w.write(answer)
-        except (asyncio.IncompleteReadError, ConnectionError): w.close()
-    async def main():
-        s = await asyncio.start_server(handle, '127.0.0.1', int(port)); print('ready', flush=True)
-        async with s: await s.serve_forever()
-    asyncio.run(main())
+    async def respond(w): w.write(answer)
+    _raw_server(port, respond)
 
 
 def server(repo, port, opts):
