@@ -12,7 +12,7 @@
    Last line: `rnn: fashion rows <test accuracy>% in <training seconds> s`.
 
 Writes bench/results/rnn.md. Options: --seconds (training budget, default 280), --threads (default 2),
---skip-timing, --limit N (smoke test), --out FILE.
+--skip-timing, --limit N (smoke test), --arch/--pool/--hidden/--seed (the goal model's variants), --out FILE.
 """
 import argparse, dataclasses
 
@@ -53,6 +53,9 @@ def main(argv=None):
     ap.add_argument('--skip-timing', action='store_true')
     ap.add_argument('--limit', type=int, default=None, help='smoke test: train on the first N images')
     ap.add_argument('--arch', default=ROW_CONFIG.arch, choices=['lstm', 'gru'], help="the goal model's recurrent cell (default lstm)")
+    ap.add_argument('--pool', default=ROW_CONFIG.pool, choices=['last', 'mean', 'meanmax'], help="what the goal model's head reads (default last)")
+    ap.add_argument('--hidden', type=int, default=ROW_CONFIG.hidden, help="the goal model's units per layer")
+    ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--out', default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -65,9 +68,9 @@ def main(argv=None):
         md = markdown_table(rows, fmt=fmt)
         print(md, flush=True)
         parts.append("## From-scratch layers against torch.nn (batch-first, float32)\n\n" + md)
-    rows, goal_cfg = [], dataclasses.replace(ROW_CONFIG, arch=args.arch)
+    rows, goal_cfg = [], dataclasses.replace(ROW_CONFIG, arch=args.arch, pool=args.pool, hidden=args.hidden)
     for cfg in [goal_cfg] + CONTENDERS[1:]:
-        _, r = train_row_classifier(cfg, seconds=args.seconds, limit=args.limit)
+        _, r = train_row_classifier(cfg, seconds=args.seconds, limit=args.limit, seed=args.seed)
         print(r, flush=True); rows.append(r)
     row = rows[0]
     md = markdown_table([{k: v for k, v in r.items() if k != 'machine'} for r in rows], fmt={'test_acc': '.2%', 'params': ',d'})

@@ -265,16 +265,17 @@ class Rotary(nn.Module):
         super().__init__()
         if d_head % 2: raise ValueError(f"rotary positions need an even head width, got {d_head}")
         angle = torch.arange(n_ctx, dtype=torch.float64)[:, None] * base ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
-        self.register_buffer('cos', angle.cos().float(), persistent=False)  # (n_ctx, d_head/2); not parameters, not saved
-        self.register_buffer('sin', angle.sin().float(), persistent=False)
+        c, s = angle.cos().float(), angle.sin().float()  # (n_ctx, d_head/2)
+        self.register_buffer('cos', torch.cat([c, c], -1), persistent=False)  # (n_ctx, d_head): not parameters, not saved
+        self.register_buffer('sin', torch.cat([-s, s], -1), persistent=False)  # signed: the first half turns the other way
 
-    def forward(self, x:torch.Tensor, # (..., T, d_head)
-                pos:int=0): # position of the first of the T vectors
-        "`x` rotated: (x1 cos - x2 sin, x1 sin + x2 cos) at each position."
-        T, h = x.shape[-2], x.shape[-1] // 2
-        c, s = self.cos[pos:pos + T].to(x.dtype), self.sin[pos:pos + T].to(x.dtype)
-        x1, x2 = x[..., :h], x[..., h:]
-        return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
+    def forward(self, x:torch.Tensor, # (..., T, d_head); with per-row positions (B, H, T, d_head)
+                pos=0): # position of the first of the T vectors (int), or each vector's position, a (B, T) tensor
+        "`x` rotated: (x1 cos - x2 sin, x2 cos + x1 sin) at each position, as x·cos + (x2, x1)·(-sin, sin)."
+        if isinstance(pos, torch.Tensor): c, s = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, T, d_head)
+        else: T = x.shape[-2]; c, s = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        return x * c.to(x.dtype) + x.roll(x.shape[-1] // 2, -1) * s.to(x.dtype)
+
 
 # %% ../nbs/05_attention.ipynb #a3a12bdb
 def _padding_to_allowed(key_padding_mask, B, S):
@@ -316,11 +317,12 @@ class SelfAttention(nn.Module):
 
 # %% ../nbs/05_attention.ipynb #05d86fab
 class MLP(nn.Module):
-    "The block's feed-forward network: d -> d_ff, GELU, d_ff -> d."
+    "The block's feed-forward network: d -> d_ff, GELU (exact, or the tanh form of `cfg.gelu`), d_ff -> d."
     def __init__(self, cfg:TransformerConfig):
         super().__init__()
         self.fc, self.proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias), nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-    def forward(self, x): return self.proj(F.gelu(self.fc(x)))
+        self.gelu = cfg.gelu
+    def forward(self, x): return self.proj(F.gelu(self.fc(x), approximate=self.gelu))
 
 class Block(nn.Module):
     "Self-attention and MLP, each in a residual branch; LayerNorm before each branch (pre-LN) or after each sum (post-LN)."
@@ -375,8 +377,10 @@ def check_ids(self:TransformerBase, ids, # token ids (B, T)
     if pos + ids.shape[1] > self.cfg.n_ctx:
         raise ValueError(f"sequence of {pos + ids.shape[1]} tokens is longer than the context n_ctx={self.cfg.n_ctx}: "
                          f"keep the last {self.cfg.n_ctx} tokens, or use `step`, whose window slides")
-    if not torch.compiler.is_compiling() and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.cfg.vocab_size):
-        raise ValueError(f"token id {int(ids.min()) if int(ids.min()) < 0 else int(ids.max())} is outside the vocabulary "
+    if torch.compiler.is_compiling() or not ids.numel(): return
+    lo, hi = (int(t) for t in torch.aminmax(ids))
+    if lo < 0 or hi >= self.cfg.vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
                          f"0..{self.cfg.vocab_size - 1}")
 
 # %% ../nbs/05_attention.ipynb #cbe05196
@@ -481,8 +485,8 @@ class LMRecipe:
 LM_RECIPES = {
     'nanogpt': LMRecipe(dict(n_ctx=64, d_model=128, n_layers=4, n_heads=4, bias=False), 12, 1e-3, 0.1,
                         "nanoGPT's CPU recipe (shakespeare_char, 4 layers, 128 wide, context 64, batch 12)"),
-    'gpt': LMRecipe(dict(n_ctx=64, d_model=128, n_layers=4, n_heads=4, bias=False, positions='rotary'), 32, 2e-3, 0.1,
-                    "this chapter's GPT: the same width, depth and context, rotary positions, batch 32, peak rate 2e-3"),
+    'gpt': LMRecipe(dict(n_ctx=64, d_model=128, n_layers=4, n_heads=4, bias=False, positions='rotary', gelu='tanh'), 12, 2e-3, 0.1,
+                    "this chapter's GPT: nanoGPT's width, depth, context and batch; rotary positions, tanh GELU, peak rate 2e-3"),
     'gpt_ctx128': LMRecipe(dict(n_ctx=128, d_model=128, n_layers=4, n_heads=4, bias=False, positions='rotary'), 16, 3e-3, 0.1,
                            "rotary positions, context 128, batch 16, peak rate 3e-3 (the pretraining chapter's encoder and GPT)"),
 }

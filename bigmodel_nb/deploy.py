@@ -867,13 +867,6 @@ register_decoder('bigmodel_nb.attention.GPT', _gpt_parts);  # by name: importing
 
 
 # %% ../nbs/08_deployment.ipynb #ab3bba13
-def _rotate(rot, x, positions):
-    "Rotary positions at per-row positions: x (B, H, S, d_head), positions (B, S)."
-    h = x.shape[-1] // 2
-    c, s = rot.cos[positions][:, None].to(x.dtype), rot.sin[positions][:, None].to(x.dtype)
-    x1, x2 = x[..., :h], x[..., h:]
-    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
-
 class DecoderWithPast(nn.Module):
     "A causal LM's forward over S new tokens per row that also attends to each row's cached keys and values."
     def __init__(self, model:nn.Module): # a model of a class registered with `register_decoder` (its weights are shared, not copied)
@@ -896,7 +889,7 @@ class DecoderWithPast(nn.Module):
         for i, L in enumerate(p.layers):
             h = L['ln1'](x) if L['pre_norm'] else x
             q, k, v = F.linear(h, *L['qkv']).view(B, S, 3, H, d // H).permute(2, 0, 3, 1, 4)  # each (B, H, S, d/H)
-            if L['rotary'] is not None: q, k = _rotate(L['rotary'], q, positions), _rotate(L['rotary'], k, positions)
+            if L['rotary'] is not None: q, k = L['rotary'](q, positions), L['rotary'](k, positions)  # per-row positions
             keys.append(k); values.append(v)
             q = q * (d // H) ** -0.5
             w = (torch.cat([q @ past[i].transpose(-1, -2), q @ k.transpose(-1, -2)], -1) + bias).softmax(-1)

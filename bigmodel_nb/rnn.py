@@ -381,9 +381,9 @@ def generate(model:nn.Module, # maps (B, T) ids to (B, T, V) logits; with `step(
     try:
         logits, state = model.step(ids) if recurrent else (model(ids[:, -context:] if context else ids), None)
         for _ in range(n):
-            z = logits[0, -1].float() / temperature
-            if top_k == 1: nxt = z.argmax(-1, keepdim=True)[None]  # greedy: what sampling the one remaining character gives
+            if top_k == 1: nxt = logits[0, -1:].argmax(-1, keepdim=True)  # greedy: what sampling the one remaining character gives
             else:
+                z = logits[0, -1].float() / temperature
                 if top_k: z = z.masked_fill(z < z.topk(min(top_k, z.numel())).values[-1], -float('inf'))
                 nxt = torch.multinomial(z.softmax(-1), 1, generator=g)[None]
             out.append(nxt)
