@@ -37,7 +37,6 @@ def ablations():
     g = LM_RECIPES['gpt']
     return {'gpt, learned positions': replace(g, arch={**g.arch, 'positions': 'learned'}),
             'gpt, context 128': replace(g, arch={**g.arch, 'n_ctx': 128}),
-            'gpt, exact GELU': replace(g, arch={**g.arch, 'gelu': 'none'}),
             'gpt, batch 32': replace(g, batch_size=32),  # (more tokens per step, fewer steps)
             'gpt, peak rate 1e-3': replace(g, lr=1e-3)}
 

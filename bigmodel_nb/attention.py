@@ -317,12 +317,11 @@ class SelfAttention(nn.Module):
 
 # %% ../nbs/05_attention.ipynb #05d86fab
 class MLP(nn.Module):
-    "The block's feed-forward network: d -> d_ff, GELU (exact, or the tanh form of `cfg.gelu`), d_ff -> d."
+    "The block's feed-forward network: d -> d_ff, GELU, d_ff -> d."
     def __init__(self, cfg:TransformerConfig):
         super().__init__()
         self.fc, self.proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias), nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.gelu = cfg.gelu
-    def forward(self, x): return self.proj(F.gelu(self.fc(x), approximate=self.gelu))
+    def forward(self, x): return self.proj(F.gelu(self.fc(x)))
 
 class Block(nn.Module):
     "Self-attention and MLP, each in a residual branch; LayerNorm before each branch (pre-LN) or after each sum (post-LN)."
@@ -485,8 +484,8 @@ class LMRecipe:
 LM_RECIPES = {
     'nanogpt': LMRecipe(dict(n_ctx=64, d_model=128, n_layers=4, n_heads=4, bias=False), 12, 1e-3, 0.1,
                         "nanoGPT's CPU recipe (shakespeare_char, 4 layers, 128 wide, context 64, batch 12)"),
-    'gpt': LMRecipe(dict(n_ctx=64, d_model=128, n_layers=4, n_heads=4, bias=False, positions='rotary', gelu='tanh'), 12, 2e-3, 0.1,
-                    "this chapter's GPT: nanoGPT's width, depth, context and batch; rotary positions, tanh GELU, peak rate 2e-3"),
+    'gpt': LMRecipe(dict(n_ctx=64, d_model=128, n_layers=4, n_heads=4, bias=False, positions='rotary'), 12, 2e-3, 0.1,
+                    "this chapter's GPT: nanoGPT's width, depth, context and batch; rotary positions, peak rate 2e-3"),
     'gpt_ctx128': LMRecipe(dict(n_ctx=128, d_model=128, n_layers=4, n_heads=4, bias=False, positions='rotary'), 16, 3e-3, 0.1,
                            "rotary positions, context 128, batch 16, peak rate 3e-3 (the pretraining chapter's encoder and GPT)"),
 }

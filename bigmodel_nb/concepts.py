@@ -479,7 +479,6 @@ class TransformerConfig:
     pooler:bool=False     # a d_model x d_model pooler on the first token (BERT)
     pre_norm:bool=True    # layer norm before attention and feed-forward (GPT-2) or after (BERT); no effect on the count
     positions:str='learned' # 'learned' (n_ctx x d_model parameters), or 'sinusoidal', 'rotary', 'none' (no parameters)
-    gelu:str='none'       # the feed-forward GELU: 'none' (exact, with erf) or 'tanh' (GPT-2's approximation); no effect on the count
 
     def __post_init__(self):
         if self.d_ff is None: self.d_ff = 4 * self.d_model
@@ -487,8 +486,6 @@ class TransformerConfig:
             if getattr(self, k) < 1: raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        if self.gelu not in ('none', 'tanh'):
-            raise ValueError(f"gelu must be 'none' (exact) or 'tanh' (the approximation), got {self.gelu!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
 
