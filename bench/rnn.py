@@ -24,7 +24,7 @@ from bigmodel_nb.rnn import RowConfig, from_torch, train_row_classifier
 
 from _results import write_results
 
-ROW_CONFIG = RowConfig(arch='lstm', hidden=128, layers=2, bidirectional=False, pool='last')  # the goal's model
+ROW_CONFIG = RowConfig(arch='lstm', hidden=128, layers=2, bidirectional=False, pool='meanmax')  # the goal's model
 CONTENDERS = [ROW_CONFIG]  # add RowConfig(...)s to compare others under the same budget (each adds its budget to the run)
 SHAPES = [  # (layer, batch, steps, input, hidden)
     (nn.RNN, 32, 100, 64, 256), (nn.LSTM, 32, 100, 64, 256), (nn.GRU, 32, 100, 64, 256), (nn.LSTM, 128, 28, 28, 128)]

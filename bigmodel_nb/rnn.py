@@ -468,7 +468,7 @@ def train_row_classifier(cfg:RowConfig=None, # the architecture; default `RowCon
     learn.fit(epochs, lr, sched='one_cycle', cbs=[TimeBudget(seconds)])
     train_s = time.perf_counter() - t0
     c = model.cfg
-    name = f"{'bidirectional ' if c.bidirectional else ''}{c.arch.upper()} {c.layers}×{c.hidden}, rows"
+    name = f"{'bidirectional ' if c.bidirectional else ''}{c.arch.upper()} {c.layers}×{c.hidden}, rows" + ('' if c.pool == 'last' else f", {c.pool} pool")
     return model, {'model': name, 'params': count_parameters(model), 'train_seconds': round(train_s, 1), 'steps': learn.train_iter,
                    'epochs': round(learn.train_iter / len(dls.train), 2), 'test_acc': accuracy_on(model, dls.valid), 'machine': machine_info()}
 
