@@ -53,7 +53,7 @@ def main(argv=None):
     ap.add_argument('--skip-timing', action='store_true')
     ap.add_argument('--limit', type=int, default=None, help='smoke test: train on the first N images')
     ap.add_argument('--arch', default=ROW_CONFIG.arch, choices=['lstm', 'gru'], help="the goal model's recurrent cell (default lstm)")
-    ap.add_argument('--pool', default=ROW_CONFIG.pool, choices=['last', 'mean', 'meanmax'], help="what the goal model's head reads (default last)")
+    ap.add_argument('--pool', default=ROW_CONFIG.pool, choices=['last', 'mean', 'meanmax'], help="what the goal model's head reads (default: ROW_CONFIG's, meanmax)")
     ap.add_argument('--hidden', type=int, default=ROW_CONFIG.hidden, help="the goal model's units per layer")
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--out', default=None)
