@@ -3,9 +3,9 @@
 Both paths are the RNN chapter's `generate` (one sampling code): given `context=256` it recomputes the model on the
 last 256 tokens for every new token; without it, it calls the GPT's `step(ids, state)`, which runs only the new token
 against the cached keys and values (chapter 05's `KVCache`). Greedy decoding (`top_k=1`): the two must produce the
-same text, which is checked before timing. The GPT is the chapter's recipe (`LM_RECIPES['gpt']`: nanoGPT's CPU shape,
-4 layers, 4 heads, 128 wide, no biases; rotary positions) with context 256; its weights are drawn wider than at initialisation (std 0.1), so that the
-greedy choices are far from ties (the time does not depend on the values). Runs are interleaved
+same text, which is checked before timing. The GPT is the chapter's recipe (`LM_RECIPES['gpt']`: nanoGPT's CPU
+shape, 4 layers, 4 heads, 128 wide, no biases; rotary positions) with context 256; its weights are drawn wider than
+at initialisation (std 0.1), so that the greedy choices are far from ties (the time does not depend on the values). Runs are interleaved
 (`concepts.interleaved_rounds`) on a process with two torch threads. Each path is timed with two threads and with one,
 and each is represented by its faster setting (a one-token step is small: fewer threads can win).
 

@@ -11,7 +11,7 @@ Three parts, each short enough for one exclusive hold of the CPU, each adding it
 (rows of recipes that have since changed are dropped):
   python bench/gpt.py              the baseline and the GPT at equal time (the goal: >= 0.08 nats below)
   python bench/gpt.py --ablations  the GPT with one thing changed per row (its departures from the baseline undone,
-                                   earlier recipes' context and batch), same budget
+                                   a longer context, a larger batch), same budget
   python bench/gpt.py --long       the GPT for 600 s (`BENCH_LONG`; the goal: <= 1.60 nats within 10 minutes)
 Prints the Markdown of every row measured so far, writes bench/results/gpt.md, and ends (default part) with
 `gpt nats below the baseline at the baseline's wall time: X.XXX`.
@@ -34,7 +34,7 @@ STORE = RESULTS / 'gpt.json'
 
 
 def ablations():
-    "The GPT with one thing changed, each: its departures from nanoGPT undone, or an earlier recipe's context or batch."
+    "The GPT with one thing changed, each: its departures from nanoGPT undone, a longer context, a larger batch."
     g = LM_RECIPES['gpt']
     return {'gpt, learned positions': replace(g, arch={**g.arch, 'positions': 'learned'}),
             'gpt, context 128': replace(g, arch={**g.arch, 'n_ctx': 128}),
