@@ -2,7 +2,9 @@
 
 Both paths are the RNN chapter's `generate` (one sampling code): given `context=256` it recomputes the model on the
 last 256 tokens for every new token; without it, it calls the GPT's `step(ids, state)`, which runs only the new token
-against the cached keys and values (chapter 05's `KVCache`). Greedy decoding (`top_k=1`): the two must produce the
+against the cached keys and values (chapter 05's `KVCache`), through `decode_one`: the same operations as the modules'
+forward, as plain functions. For comparison (not part of the goal's figure) the cached path is also timed through the
+modules, which `step` takes when the model has a forward hook. Greedy decoding (`top_k=1`): the two must produce the
 same text, which is checked before timing. The GPT is the chapter's recipe (`LM_RECIPES['gpt']`: nanoGPT's CPU
 shape, 4 layers, 4 heads, 128 wide, no biases; rotary positions) with context 256; its weights are drawn wider than
 at initialisation (std 0.1), so that the greedy choices are far from ties (the time does not depend on the values). Runs are interleaved
@@ -40,8 +42,14 @@ def main():
     threads = torch.get_num_threads()
     def gen(n_threads, context=None):
         with torch_threads(n_threads): return generate(model, tok, prompt, N, top_k=1, context=context)
+    def through_modules(n_threads):  # a no-op forward hook makes `step` call the modules instead of `decode_one`
+        hook = model.register_forward_pre_hook(lambda *a: None)
+        try: return gen(n_threads)
+        finally: hook.remove()
     runs = {f'recompute, {threads} threads': lambda: gen(threads, CTX), 'recompute, 1 thread': lambda: gen(1, CTX),
-            f'KV cache, {threads} threads': lambda: gen(threads), 'KV cache, 1 thread': lambda: gen(1)}
+            f'KV cache, {threads} threads': lambda: gen(threads), 'KV cache, 1 thread': lambda: gen(1),
+            f'(KV cache through the modules, {threads} threads)': lambda: through_modules(threads),
+            '(KV cache through the modules, 1 thread)': lambda: through_modules(1)}
     texts = {k: f() for k, f in runs.items()}
     if len(set(texts.values())) != 1:
         sys.exit("the cached and recomputed greedy texts differ:\n" + '\n'.join(f'{k}: {v!r}' for k, v in texts.items()))

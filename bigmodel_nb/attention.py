@@ -447,12 +447,18 @@ class LayerCache:
         self.n += T
         return self.k[:, :, :self.n], self.v[:, :, :self.n]
 
+def _needs_modules(model:nn.Module) -> bool:
+    "True when `model`'s steps must call its modules: in training mode, with forward hooks (a profiler, a FLOP counter), or keeping attention weights."
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    hooked = hooked or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    return model.training or bool(hooked) or any(getattr(m, 'keep_weights', False) for m in model.modules())
+
 class KVCache:
-    "Every layer's `LayerCache` for a batch, and the token ids seen (for when the window slides)."
+    "Every layer's `LayerCache` for a batch, the token ids seen (for when the window slides), and whether one-token steps may skip the module calls."
     def __init__(self, model:TransformerBase, batch:int):
         cfg, p = model.cfg, model.tok_emb.weight
         self.layers = [LayerCache(batch, cfg.n_heads, cfg.n_ctx, cfg.d_model // cfg.n_heads, p.dtype, p.device) for _ in model.blocks]
-        self.ids = None
+        self.ids, self.plain = None, not _needs_modules(model)  # decided once, when the cache is made
     @property
     def n(self): return self.layers[0].n
 
@@ -467,9 +473,40 @@ def step(self:GPT, ids, # new token ids (B, T)
     if state.n + T > n_ctx:  # the window slides: recompute the last n_ctx tokens
         state = KVCache(self, B)
         logits = self.head(self.hidden(seen[:, -n_ctx:], cache=state))[:, -min(T, n_ctx):]
+    elif T == 1 and state.plain: self.check_ids(ids, state.n); logits = self.decode_one(ids, state)
     else: logits = self.head(self.hidden(ids, cache=state))
     state.ids = seen[:, -n_ctx:]
     return logits, state
+
+# %% ../nbs/05_attention.ipynb #060476f2
+def _plain(m:nn.Module, x:torch.Tensor) -> torch.Tensor:
+    "`m(x)` for an `nn.Linear`, `nn.LayerNorm` or `nn.Identity`, as the function underneath (no module call)."
+    if isinstance(m, nn.Linear): return F.linear(x, m.weight, m.bias)
+    if isinstance(m, nn.LayerNorm): return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+    if isinstance(m, nn.Identity): return x
+    raise TypeError(f"_plain: expected nn.Linear, nn.LayerNorm or nn.Identity, got {type(m).__name__}")
+
+@patch
+def decode_one(self:GPT, ids, # one new token per row (B, 1)
+               cache:KVCache): # the keys and values of the tokens before it, fewer than n_ctx
+    "`self.head(self.hidden(ids, cache=cache))` for one token per row, as plain functions over the same weights."
+    B, pos, d = ids.shape[0], cache.n, self.cfg.d_model
+    x = F.embedding(ids, self.tok_emb.weight)
+    if self.pos_emb is not None: x = x + self.pos_emb.weight[pos]
+    if self.cfg.positions == 'sinusoidal': x = x + self.pos_table[pos]
+    if self.type_emb is not None: x = x + self.type_emb.weight[0]
+    x = _plain(self.emb_norm, x)
+    for b, layer in zip(self.blocks, cache.layers):
+        a, pre = b.attn, b.pre_norm
+        qkv = _plain(a.qkv, _plain(b.ln1, x) if pre else x).view(B, 1, 3, a.n_heads, -1).permute(2, 0, 3, 1, 4)
+        if a.rotary is not None: (q, k), v = a.rotary.forward(qkv[:2], pos), qkv[2]  # .forward: no module call
+        else: q, k, v = qkv
+        y = F.scaled_dot_product_attention(q, *layer.add(k, v))  # one query, after every cached key: no mask
+        y = _plain(a.out, y.transpose(1, 2).reshape(B, 1, d))
+        x = x + y if pre else _plain(b.ln1, x + y)
+        y = _plain(b.mlp.proj, F.gelu(_plain(b.mlp.fc, _plain(b.ln2, x) if pre else x)))
+        x = x + y if pre else _plain(b.ln2, x + y)
+    return _plain(self.head, _plain(self.ln_f, x))
 
 # %% ../nbs/05_attention.ipynb #1fa2072d
 @dataclass
