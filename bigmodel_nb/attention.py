@@ -473,7 +473,7 @@ def step(self:GPT, ids, # new token ids (B, T)
     if state.n + T > n_ctx:  # the window slides: recompute the last n_ctx tokens
         state = KVCache(self, B)
         logits = self.head(self.hidden(seen[:, -n_ctx:], cache=state))[:, -min(T, n_ctx):]
-    elif T == 1 and state.plain: self.check_ids(ids, state.n); logits = self.decode_one(ids, state)
+    elif T == 1 and state.plain: logits = self.decode_one(ids, state)
     else: logits = self.head(self.hidden(ids, cache=state))
     state.ids = seen[:, -n_ctx:]
     return logits, state
@@ -490,6 +490,8 @@ def _plain(m:nn.Module, x:torch.Tensor) -> torch.Tensor:
 def decode_one(self:GPT, ids, # one new token per row (B, 1)
                cache:KVCache): # the keys and values of the tokens before it, fewer than n_ctx
     "`self.head(self.hidden(ids, cache=cache))` for one token per row, as plain functions over the same weights."
+    self.check_ids(ids, cache.n)
+    if ids.shape[1] != 1: raise ValueError(f"decode_one takes one new token per row, ids of shape (B, 1); got {tuple(ids.shape)}: use `step`")
     B, pos, d = ids.shape[0], cache.n, self.cfg.d_model
     x = F.embedding(ids, self.tok_emb.weight)
     if self.pos_emb is not None: x = x + self.pos_emb.weight[pos]
