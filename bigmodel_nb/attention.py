@@ -296,14 +296,21 @@ class SelfAttention(nn.Module):
         self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.n_ctx) if cfg.positions == 'rotary' else None
         self.keep_weights, self.weights = False, None  # keep_weights: store the last call's weights (B, H, T, S) in .weights
 
+    def split_heads(self, packed, # the packed projection `self.qkv(x)` (B, T, 3d)
+                    pos:int=0): # position of the first of the T tokens
+        "Queries, keys and values (B, H, T, d/H), the queries and keys rotated when the positions are rotary."
+        B, T, _ = packed.shape
+        qkv = packed.view(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, T, d/H)
+        if self.rotary is None: return tuple(qkv)
+        q, k = self.rotary.forward(qkv[:2], pos)  # both in one call; a method call (Rotary holds no parameters)
+        return q, k, qkv[2]
+
     def forward(self, x, # (B, T, d)
                 key_padding_mask=None, # (B, T) bool, True where a token is padding
                 cache=None): # a `LayerCache`: attend to its keys and values too, and add this call's
         B, T, d = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, d/H)
         pos = cache.n if cache is not None else 0
-        if self.rotary is not None: (q, k), v = self.rotary(qkv[:2], pos), qkv[2]  # queries and keys rotated in one call
-        else: q, k, v = qkv
+        q, k, v = self.split_heads(self.qkv(x), pos)
         if cache is not None: k, v = cache.add(k, v)
         S = k.shape[-2]
         mask, causal = _padding_to_allowed(key_padding_mask, B, S), self.causal
@@ -449,9 +456,8 @@ class LayerCache:
 
 def _needs_modules(model:nn.Module) -> bool:
     "True when `model`'s steps must call its modules: in training mode, with forward hooks (a profiler, a FLOP counter), or keeping attention weights."
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    hooked = hooked or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-    return model.training or bool(hooked) or any(getattr(m, 'keep_weights', False) for m in model.modules())
+    if model.training or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks: return True
+    return any(m._forward_hooks or m._forward_pre_hooks or getattr(m, 'keep_weights', False) for m in model.modules())
 
 class KVCache:
     "Every layer's `LayerCache` for a batch, the token ids seen (for when the window slides), and whether one-token steps may skip the module calls."
@@ -500,9 +506,7 @@ def decode_one(self:GPT, ids, # one new token per row (B, 1)
     x = _plain(self.emb_norm, x)
     for b, layer in zip(self.blocks, cache.layers):
         a, pre = b.attn, b.pre_norm
-        qkv = _plain(a.qkv, _plain(b.ln1, x) if pre else x).view(B, 1, 3, a.n_heads, -1).permute(2, 0, 3, 1, 4)
-        if a.rotary is not None: (q, k), v = a.rotary.forward(qkv[:2], pos), qkv[2]  # .forward: no module call
-        else: q, k, v = qkv
+        q, k, v = a.split_heads(_plain(a.qkv, _plain(b.ln1, x) if pre else x), pos)
         y = F.scaled_dot_product_attention(q, *layer.add(k, v))  # one query, after every cached key: no mask
         y = _plain(a.out, y.transpose(1, 2).reshape(B, 1, d))
         x = x + y if pre else _plain(b.ln1, x + y)
