@@ -1,5 +1,5 @@
 """Benchmark of the pretraining chapter's distillation: the strong CNN (`get_trained_cnn()`) teaches a student
-`FashionCNN(STUDENT)` with under a tenth of its parameters.
+`FashionCNN(STUDENT)` with under a tenth of its parameters (`--student` picks another shape from `STUDENT_SHAPES`).
 
 (a) All labels: the student alone and distilled (`Distill`, teacher on the same augmented batch, logits cached per
     distinct view) with the same recipe and the same number of steps. Goal: median over seeds of the
@@ -10,7 +10,7 @@
 
 Each run appends one JSON line to bench/results/distill_runs.jsonl (runs are step-counted: no lock needed, and seeds
 can run in separate processes); `--report` writes bench/results/distill.md from them. Last line: `distill ratio: <r>`.
-Options: --part a|b, --seeds 0 1 2, --epochs E, --T 4, --alpha 0.9, --mixup 0, --report.
+Options: --part a|b, --student NAME, --seeds 0 1 2, --epochs E, --T 4, --alpha 0.9, --mixup 0, --report.
 """
 import argparse, json, time
 from dataclasses import replace
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigmodel_nb.cnn import FashionCNN, get_trained_cnn
+from bigmodel_nb.cnn import CNNConfig, FashionCNN, get_trained_cnn
 from bigmodel_nb.concepts import count_parameters, machine_info, markdown_table
 from bigmodel_nb.data import image_dataloaders
 from bigmodel_nb.learner import accuracy_on
@@ -30,6 +30,9 @@ from bigmodel_nb.pretrain import DISTILL_ALPHA, DISTILL_T, student_path, DISTILL
 from _results import RESULTS, write_results
 
 RUNS = RESULTS / 'distill_runs.jsonl'
+# students with under a tenth of the teacher's parameters: the chapter's, and two smaller shapes
+STUDENT_SHAPES = {'student': STUDENT, 'tiny': CNNConfig(channels=(8, 16, 32), hidden=0),
+                  'two-stage': CNNConfig(channels=(16, 32), convs=(1, 1), hidden=0)}
 
 
 def log(row):
@@ -41,33 +44,37 @@ def log(row):
 def run(a):
     dls = image_dataloaders('fashion_mnist', valid_pct=0.0, seed=0, verbose=False, limit=a.limit)
     teacher = get_trained_cnn(verbose=False)
-    cache, base = {}, dict(epochs=a.epochs, T=a.T, alpha=a.alpha, mixup=a.mixup, machine=machine_info(),
-                           teacher_acc=teacher.info['test_acc'], teacher_params=count_parameters(teacher), student_params=count_parameters(FashionCNN(STUDENT)))
+    cfg = STUDENT_SHAPES[a.student]
+    cache, base = {}, dict(student=a.student, threads=torch.get_num_threads(), epochs=a.epochs, T=a.T, alpha=a.alpha, mixup=a.mixup, machine=machine_info(),
+                           teacher_acc=teacher.info['test_acc'], teacher_params=count_parameters(teacher), student_params=count_parameters(FashionCNN(cfg)))
     for s in a.seeds:
         r = replace(DISTILL_RECIPE, epochs=a.epochs, seed=s)
         if a.part == 'a':
             for arm in a.arms:
                 t = time.perf_counter()
                 kw = dict(teacher=teacher, T=a.T, alpha=a.alpha, mixup=a.mixup, cache=cache) if arm == 'distilled' else {}
-                _, row = train_student(dls, r, **kw)
+                _, row = train_student(dls, r, cfg=cfg, **kw)
                 log(dict(base, part='a', arm=arm, seed=s, error=row['error'], steps=row['steps'], train_s=row['train_s'], wall_s=round(time.perf_counter() - t, 1)))
-                if arm == 'distilled' and s == 0 and a.limit is None and (a.epochs, a.T, a.alpha, a.mixup) == (DISTILL_RECIPE.epochs, DISTILL_T, DISTILL_ALPHA, 0.0):
+                if arm == 'distilled' and s == 0 and a.student == 'student' and a.limit is None and (a.epochs, a.T, a.alpha, a.mixup) == (DISTILL_RECIPE.epochs, DISTILL_T, DISTILL_ALPHA, 0.0):
                     want = dict(recipe=asdict(r), T=DISTILL_T, alpha=DISTILL_ALPHA, limit=None)  # what `get_student()` loads
                     save_cnn(_, student_path(), info={**want, **row}); print(f"saved the distilled student to {student_path()}")
         else:
             lab = few_labels(dls.train.y, 10, seed=s)
-            _, row = train_few(dls, lab, replace(FineTuneRecipe(), seed=s), cfg=STUDENT, name='student, 100 labels')
+            _, row = train_few(dls, lab, replace(FineTuneRecipe(), seed=s), cfg=cfg, name='student, 100 labels')
             log(dict(base, part='b', arm='100 labels alone', seed=s, error=1 - row['test_acc'], steps=row['steps'], train_s=row['train_s']))
-            _, row = train_student(dls, r, teacher=teacher, T=a.T, alpha=a.alpha, mixup=a.mixup, cache=cache, idx=lab, unlabelled=True)
+            _, row = train_student(dls, r, cfg=cfg, teacher=teacher, T=a.T, alpha=a.alpha, mixup=a.mixup, cache=cache, idx=lab, unlabelled=True)
             log(dict(base, part='b', arm='100 labels + transfer set', seed=s, error=row['error'], steps=row['steps'], train_s=row['train_s'], labelled=row['labelled']))
 
 
 def report():
-    rows = [json.loads(l) for l in RUNS.read_text().splitlines() if l.strip()]
+    rows = [dict({'student': 'student'}, **json.loads(l)) for l in RUNS.read_text().splitlines() if l.strip()]  # early runs: the chapter's student
     r0 = rows[-1]
-    body = f"Machine (of the last run): {r0['machine']}\n\nTeacher: the strong CNN, {r0['teacher_params']:,} parameters, " \
-           f"{100 * r0['teacher_acc']:.2f}% test accuracy; student `STUDENT` {r0['student_params']:,} parameters " \
-           f"({r0['student_params'] / r0['teacher_params']:.1%}). All errors on the 10,000 test images; each run one process, one thread, step-counted.\n\n"
+    sizes = {r['student']: r['student_params'] for r in rows}
+    threads = sorted({str(r.get('threads', 1)) for r in rows})
+    body = (f"Machine (of the last run): {r0['machine']}\n\nTeacher: the strong CNN, {r0['teacher_params']:,} parameters, "
+            f"{100 * r0['teacher_acc']:.2f}% test accuracy. Students (`STUDENT_SHAPES`): " +
+            ', '.join(f"{n} (channels {STUDENT_SHAPES[n].channels}, hidden {STUDENT_SHAPES[n].hidden}) {p:,} parameters ({p / r0['teacher_params']:.1%})" for n, p in sizes.items()) +
+            f". All errors on the 10,000 test images; each run one process ({' or '.join(threads)} torch thread(s)), step-counted.\n\n")
     table, goals = [], []
     def add(name, config, runs, base=None):
         e = [runs[s]['error'] for s in sorted(runs)]
@@ -78,37 +85,39 @@ def report():
                           ratio=float(np.median(ratios)) if ratios else None, ratios=', '.join(f'{x:.3f}' for x in ratios) or None,
                           train_s=', '.join(str(runs[s]['train_s']) for s in sorted(runs))))
         return (float(np.median(ratios)), len(ratios)) if ratios else None
-    for E in sorted({r['epochs'] for r in rows if r['part'] == 'a'}):
-        alone = {r['seed']: r for r in rows if r['part'] == 'a' and r['epochs'] == E and r['arm'] == 'alone'}
-        if alone: add('alone', ('a', f"{E} epochs"), alone)
-        for T, alpha, mixup in sorted({(r['T'], r['alpha'], r['mixup']) for r in rows if r['part'] == 'a' and r['epochs'] == E and r['arm'] == 'distilled'}):
-            d = {r['seed']: r for r in rows if r['part'] == 'a' and r['epochs'] == E and r['arm'] == 'distilled' and (r['T'], r['alpha'], r['mixup']) == (T, alpha, mixup)}
-            g = add('distilled', ('a', f"{E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}"), d, alone)
-            if g: goals.append(('a', f"{E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}", *g))
-    for E, T, alpha, mixup in sorted({(r['epochs'], r['T'], r['alpha'], r['mixup']) for r in rows if r['part'] == 'b'}):
-        sel = [r for r in rows if r['part'] == 'b' and (r['epochs'], r['T'], r['alpha'], r['mixup']) == (E, T, alpha, mixup)]
+    for st, E in sorted({(r['student'], r['epochs']) for r in rows if r['part'] == 'a'}, key=lambda k: (list(STUDENT_SHAPES).index(k[0]), k[1])):
+        sel = [r for r in rows if r['part'] == 'a' and r['student'] == st and r['epochs'] == E]
+        alone = {r['seed']: r for r in sel if r['arm'] == 'alone'}
+        if alone: add('alone', ('a', f"{st}, {E} epochs"), alone)
+        for T, alpha, mixup in sorted({(r['T'], r['alpha'], r['mixup']) for r in sel if r['arm'] == 'distilled'}):
+            d = {r['seed']: r for r in sel if r['arm'] == 'distilled' and (r['T'], r['alpha'], r['mixup']) == (T, alpha, mixup)}
+            cfg = f"{st}, {E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}"
+            g = add('distilled', ('a', cfg), d, alone)
+            if g: goals.append(('a', cfg, *g))
+    for st, E, T, alpha, mixup in sorted({(r['student'], r['epochs'], r['T'], r['alpha'], r['mixup']) for r in rows if r['part'] == 'b'}):
+        sel = [r for r in rows if r['part'] == 'b' and (r['student'], r['epochs'], r['T'], r['alpha'], r['mixup']) == (st, E, T, alpha, mixup)]
         base = {r['seed']: r for r in sel if r['arm'] == '100 labels alone'}
-        add('100 labels alone (train_few, 300 steps)', ('b', 'few-label recipe'), base)
-        g = add('100 labels + transfer set', ('b', f"{E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}"), {r['seed']: r for r in sel if r['arm'] == '100 labels + transfer set'}, base)
-        if g: goals.append(('b', f"{E} epochs, T={T:g}, alpha={alpha:g}", *g))
+        add('100 labels alone (train_few, 300 steps)', ('b', f"{st}, few-label recipe"), base)
+        cfg = f"{st}, {E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}"
+        g = add('100 labels + transfer set', ('b', cfg), {r['seed']: r for r in sel if r['arm'] == '100 labels + transfer set'}, base)
+        if g: goals.append(('b', cfg, *g))
     body += markdown_table(table, ['part', 'config', 'arm', 'seeds', 'steps', 'error', 'spread', 'ratio', 'ratios', 'train_s'],
                            dict(error='median test error', spread='min–max %', ratio='median error ratio (paired per seed)', ratios='per-seed ratios', train_s='training s per seed'),
                            dict(error='.2%', ratio='.3f'))
     body += "\n\n"
-    ratio_a = None
     for part, cfg, r, n in goals:
         lim = 0.95 if part == 'a' else 0.35
         what = 'distilled/alone error ratio' if part == 'a' else 'transfer-set/100-label error ratio'
         body += f"Goal ({part}): median {what} <= {lim} over {n} seed(s), {cfg}: {r:.3f} — {'MET' if r <= lim and n >= 3 else 'NOT met'}\n\n"
-        if part == 'a' and n >= 3 and cfg.endswith(f"T={DISTILL_T:g}, alpha={DISTILL_ALPHA:g}, mixup=0"): ratio_a = r
     write_results('distill', 'Distillation benchmark: the strong CNN into a student with under a tenth of its parameters', body)
-    best = min((r for p, c, r, n in goals if p == 'a' and n >= 3), default=None)
-    print(f"distill ratio: {best:.3f}" if best is not None else "distill ratio: n/a (fewer than 3 seeds of part a)")
+    best = min(((r, c) for p, c, r, n in goals if p == 'a' and n >= 3), default=None)
+    print(f"distill ratio: {best[0]:.3f} ({best[1]})" if best is not None else "distill ratio: n/a (fewer than 3 seeds of part a)")
 
 
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--part', default='a', choices=['a', 'b'])
+    ap.add_argument('--student', default='student', choices=list(STUDENT_SHAPES), help="the student's shape")
     ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     ap.add_argument('--arms', nargs='+', default=['alone', 'distilled'])
     ap.add_argument('--epochs', type=int, default=DISTILL_RECIPE.epochs)

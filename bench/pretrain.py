@@ -11,7 +11,7 @@ hidden layer on the 60,000 Fashion-MNIST training images without labels, then fe
    Last line: `pretrain gain: <points>`.
 
 Writes bench/results/pretrain.md (the pretraining facts are read from the cached network's JSON).
-Options: --pretrain, --objective simclr|mae, --seeds 0 1 2, --k 10 100, --arms ...
+Options: --pretrain, --objective simclr|mae, --epochs E, --keep K, --seeds 0 1 2, --k 10 100, --arms ...
 """
 import argparse, json, time
 from dataclasses import asdict, replace
@@ -32,15 +32,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--pretrain', action='store_true', help='pretrain and cache (run alone, under the lock)')
     ap.add_argument('--objective', default='simclr', choices=['simclr', 'mae'])
+    ap.add_argument('--epochs', type=int, default=None, help="pretraining epochs at most (default: the recipe's; the time budget still caps it)")
     ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     ap.add_argument('--k', type=int, nargs='+', default=[10, 100])
     ap.add_argument('--arms', nargs='+', default=list(FINE_TUNE_ARMS))
+    ap.add_argument('--keep', type=int, default=None, help="modules copied from the pretrained network (default: FineTuneRecipe's)")
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: the runtime setting)')
     ap.add_argument('--rows', nargs='+', default=None, help='rebuild the report from these *_rows.json files')
     ap.add_argument('--out', default='pretrain', help='results name: bench/results/NAME.md (to run arms in separate processes)')
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
-    recipe = replace(PretrainRecipe(), objective=a.objective)
+    ft = replace(FineTuneRecipe(), **({'keep': a.keep} if a.keep else {}))
+    recipe = replace(PretrainRecipe(), objective=a.objective, **({'epochs': a.epochs} if a.epochs else {}))
     print(machine_info(), flush=True)
     dls = image_dataloaders('fashion_mnist', valid_pct=0.0, seed=0, verbose=False)
     if a.pretrain:
@@ -64,7 +67,7 @@ def main():
         secs = sum(json.loads(open(f).read())['seconds'] for f in a.rows)
     else:
         for k in a.k:
-            rows += compare_fine_tuning(dls, net, k, tuple(a.seeds), FineTuneRecipe(), {n: FINE_TUNE_ARMS[n] for n in a.arms})
+            rows += compare_fine_tuning(dls, net, k, tuple(a.seeds), ft, {n: FINE_TUNE_ARMS[n] for n in a.arms})
         secs = time.perf_counter() - t0
         with open(RESULTS / f'{a.out}_rows.json', 'w') as f: json.dump(dict(rows=rows, seconds=secs, machine=machine_info()), f)
     base = {r['labels_per_class']: r for r in rows if r['arm'] == 'scratch'}
@@ -77,7 +80,7 @@ def main():
             f"{info['steps']} steps of {r['batch_size']} images ({'two views each, ' if r['objective'] == 'simclr' else ''}"
             f"{r['epochs']} epochs at most, time budget {r['time_budget']} s) in {info['seconds']} s on {info['machine']}; "
             f"last loss {info['last_loss']}. Recipe: `{json.dumps(r)}`.\n\n"
-            f"## Fine-tuning (`FineTuneRecipe()`: {FineTuneRecipe().steps} steps, seeds {a.seeds}, all 10,000 test images)\n\n"
+            f"## Fine-tuning (`FineTuneRecipe({'' if a.keep is None else f'keep={a.keep}'})`: {ft.steps} steps, keeping {ft.keep} modules, seeds {a.seeds}, all 10,000 test images)\n\n"
             f"{fine_tuning_table(rows)}\n\n"
             f"Per-seed test accuracies: " + '; '.join(f"{x['arm']} k={x['labels_per_class']}: " + ', '.join(f'{100 * v:.2f}' for v in x['accs']) for x in rows) +
             f"\n\nFine-tuning runs took {secs:.0f} s in all (step-counted).\n\n"
