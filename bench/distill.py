@@ -10,7 +10,7 @@
 
 Each run appends one JSON line to bench/results/distill_runs.jsonl (runs are step-counted: no lock needed, and seeds
 can run in separate processes); `--report` writes bench/results/distill.md from them. Last line: `distill ratio: <r>`.
-Options: --part a|b, --student NAME, --seeds 0 1 2, --epochs E, --T 4, --alpha 0.9, --mixup 0, --report.
+Options: --part a|b, --student NAME, --seeds 0 1 2, --epochs E, --T 4, --alpha 0.9, --mixup 0, --attention 0, --report.
 """
 import argparse, json, time
 from dataclasses import replace
@@ -45,29 +45,29 @@ def run(a):
     dls = image_dataloaders('fashion_mnist', valid_pct=0.0, seed=0, verbose=False, limit=a.limit)
     teacher = get_trained_cnn(verbose=False)
     cfg = STUDENT_SHAPES[a.student]
-    cache, base = {}, dict(student=a.student, threads=torch.get_num_threads(), epochs=a.epochs, T=a.T, alpha=a.alpha, mixup=a.mixup, machine=machine_info(),
+    cache, base = {}, dict(student=a.student, threads=torch.get_num_threads(), epochs=a.epochs, T=a.T, alpha=a.alpha, mixup=a.mixup, attention=a.attention, machine=machine_info(),
                            teacher_acc=teacher.info['test_acc'], teacher_params=count_parameters(teacher), student_params=count_parameters(FashionCNN(cfg)))
     for s in a.seeds:
         r = replace(DISTILL_RECIPE, epochs=a.epochs, seed=s)
         if a.part == 'a':
             for arm in a.arms:
                 t = time.perf_counter()
-                kw = dict(teacher=teacher, T=a.T, alpha=a.alpha, mixup=a.mixup, cache=cache) if arm == 'distilled' else {}
+                kw = dict(teacher=teacher, T=a.T, alpha=a.alpha, mixup=a.mixup, attention=a.attention, cache=cache) if arm == 'distilled' else {}
                 _, row = train_student(dls, r, cfg=cfg, **kw)
                 log(dict(base, part='a', arm=arm, seed=s, error=row['error'], steps=row['steps'], train_s=row['train_s'], wall_s=round(time.perf_counter() - t, 1)))
-                if arm == 'distilled' and s == 0 and a.student == 'student' and a.limit is None and (a.epochs, a.T, a.alpha, a.mixup) == (DISTILL_RECIPE.epochs, DISTILL_T, DISTILL_ALPHA, 0.0):
+                if arm == 'distilled' and s == 0 and a.student == 'student' and a.limit is None and (a.epochs, a.T, a.alpha, a.mixup, a.attention) == (DISTILL_RECIPE.epochs, DISTILL_T, DISTILL_ALPHA, 0.0, 0.0):
                     want = dict(recipe=asdict(r), T=DISTILL_T, alpha=DISTILL_ALPHA, limit=None)  # what `get_student()` loads
                     save_cnn(_, student_path(), info={**want, **row}); print(f"saved the distilled student to {student_path()}")
         else:
             lab = few_labels(dls.train.y, 10, seed=s)
             _, row = train_few(dls, lab, replace(FineTuneRecipe(), seed=s), cfg=cfg, name='student, 100 labels')
             log(dict(base, part='b', arm='100 labels alone', seed=s, error=1 - row['test_acc'], steps=row['steps'], train_s=row['train_s']))
-            _, row = train_student(dls, r, cfg=cfg, teacher=teacher, T=a.T, alpha=a.alpha, mixup=a.mixup, cache=cache, idx=lab, unlabelled=True)
+            _, row = train_student(dls, r, cfg=cfg, teacher=teacher, T=a.T, alpha=a.alpha, mixup=a.mixup, attention=a.attention, cache=cache, idx=lab, unlabelled=True)
             log(dict(base, part='b', arm='100 labels + transfer set', seed=s, error=row['error'], steps=row['steps'], train_s=row['train_s'], labelled=row['labelled']))
 
 
 def report():
-    rows = [dict({'student': 'student'}, **json.loads(l)) for l in RUNS.read_text().splitlines() if l.strip()]  # early runs: the chapter's student
+    rows = [dict({'student': 'student', 'attention': 0.0}, **json.loads(l)) for l in RUNS.read_text().splitlines() if l.strip()]  # early runs: the chapter's student
     r0 = rows[-1]
     sizes = {r['student']: r['student_params'] for r in rows}
     threads = sorted({str(r.get('threads', 1)) for r in rows})
@@ -89,16 +89,17 @@ def report():
         sel = [r for r in rows if r['part'] == 'a' and r['student'] == st and r['epochs'] == E]
         alone = {r['seed']: r for r in sel if r['arm'] == 'alone'}
         if alone: add('alone', ('a', f"{st}, {E} epochs"), alone)
-        for T, alpha, mixup in sorted({(r['T'], r['alpha'], r['mixup']) for r in sel if r['arm'] == 'distilled'}):
-            d = {r['seed']: r for r in sel if r['arm'] == 'distilled' and (r['T'], r['alpha'], r['mixup']) == (T, alpha, mixup)}
-            cfg = f"{st}, {E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}"
+        for T, alpha, mixup, at in sorted({(r['T'], r['alpha'], r['mixup'], r['attention']) for r in sel if r['arm'] == 'distilled'}):
+            d = {r['seed']: r for r in sel if r['arm'] == 'distilled' and (r['T'], r['alpha'], r['mixup'], r['attention']) == (T, alpha, mixup, at)}
+            cfg = f"{st}, {E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}" + (f", attention={at:g}" if at else '')
             g = add('distilled', ('a', cfg), d, alone)
             if g: goals.append(('a', cfg, *g))
-    for st, E, T, alpha, mixup in sorted({(r['student'], r['epochs'], r['T'], r['alpha'], r['mixup']) for r in rows if r['part'] == 'b'}):
-        sel = [r for r in rows if r['part'] == 'b' and (r['student'], r['epochs'], r['T'], r['alpha'], r['mixup']) == (st, E, T, alpha, mixup)]
+    key = lambda r: (r['student'], r['epochs'], r['T'], r['alpha'], r['mixup'], r['attention'])
+    for st, E, T, alpha, mixup, at in sorted({key(r) for r in rows if r['part'] == 'b'}):
+        sel = [r for r in rows if r['part'] == 'b' and key(r) == (st, E, T, alpha, mixup, at)]
         base = {r['seed']: r for r in sel if r['arm'] == '100 labels alone'}
         add('100 labels alone (train_few, 300 steps)', ('b', f"{st}, few-label recipe"), base)
-        cfg = f"{st}, {E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}"
+        cfg = f"{st}, {E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}" + (f", attention={at:g}" if at else '')
         g = add('100 labels + transfer set', ('b', cfg), {r['seed']: r for r in sel if r['arm'] == '100 labels + transfer set'}, base)
         if g: goals.append(('b', cfg, *g))
     body += markdown_table(table, ['part', 'config', 'arm', 'seeds', 'steps', 'error', 'spread', 'ratio', 'ratios', 'train_s'],
@@ -124,6 +125,7 @@ if __name__ == '__main__':
     ap.add_argument('--T', type=float, default=4.0)
     ap.add_argument('--alpha', type=float, default=0.9)
     ap.add_argument('--mixup', type=float, default=0.0)
+    ap.add_argument('--attention', type=float, default=0.0, help='attention transfer beta (0: off)')
     ap.add_argument('--threads', type=int, default=None)
     ap.add_argument('--report', action='store_true')
     ap.add_argument('--limit', type=int, default=None, help='a stratified subset of the training images (smoke tests only)')

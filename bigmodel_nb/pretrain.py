@@ -8,8 +8,9 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/pretraining.html.md"""
 __all__ = ['FINE_TUNE_ARMS', 'STUDENT', 'DISTILL_RECIPE', 'DISTILL_T', 'DISTILL_ALPHA', 'QUICK_DISTILL_IMAGES', 'few_labels',
            'FineTuneRecipe', 'FreezeEncoder', 'copy_modules', 'few_label_data', 'train_few', 'nt_xent', 'TwoViews',
            'MaskPatches', 'NTXent', 'PretrainRecipe', 'pretrain', 'pretrained_path', 'get_pretrained', 'median_spread',
-           'compare_fine_tuning', 'fine_tuning_table', 'class_subset', 'transfer_experiment', 'kd_loss', 'Distill',
-           'train_student', 'batch1_latency', 'step_distill', 'student_path', 'get_student']
+           'compare_fine_tuning', 'fine_tuning_table', 'class_subset', 'transfer_experiment', 'kd_loss',
+           'attention_map', 'at_loss', 'stage_ends', 'Distill', 'train_student', 'batch1_latency', 'step_distill',
+           'student_path', 'get_student']
 
 # %% ../nbs/06_pretraining.ipynb #e2ec130b
 import copy, json, math, time
@@ -367,32 +368,80 @@ def kd_loss(student_logits:torch.Tensor, # (N, C)
     ce = F.cross_entropy(s[lab], y[lab], label_smoothing=label_smoothing) if lab.any() else s.sum() * 0.
     return alpha * T * T * kl + (1 - alpha) * ce
 
+# %% ../nbs/06_pretraining.ipynb #9c631f44
+def attention_map(f:torch.Tensor) -> torch.Tensor: # feature maps (N, C, H, W)
+    "Where a layer looks: the channels' mean squared activation at each position, flattened and scaled to unit length (N, H·W)"
+    if not isinstance(f, torch.Tensor) or f.ndim != 4:
+        raise ValueError(f"attention_map: expected feature maps (N, C, H, W), got {tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
+    return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+
+def at_loss(student_maps, # `attention_map`s of the student's layers, each (N, H·W)
+            teacher_maps, # the teacher's, in the same order and of the same sizes; no gradient flows into them
+            beta:float=10.) -> torch.Tensor: # weight β of the term
+    "Attention transfer: β/2 · Σ over layers of the mean squared difference between the student's and the teacher's maps"
+    student_maps, teacher_maps = list(student_maps), list(teacher_maps)
+    if not student_maps or len(student_maps) != len(teacher_maps):
+        raise ValueError(f"at_loss: expected one teacher map per student map (at least one); got {len(student_maps)} and {len(teacher_maps)}")
+    for j, (s, t) in enumerate(zip(student_maps, teacher_maps)):
+        if s.shape != t.shape: raise ValueError(f"at_loss: layer {j}: the student's map is {tuple(s.shape)} and the teacher's {tuple(t.shape)}; "
+                                                "attention transfer pairs layers of the same height and width, on the same batch")
+    return beta / 2 * sum((s - t.detach()).pow(2).mean() for s, t in zip(student_maps, teacher_maps))
+
+def stage_ends(model:nn.Module) -> list: # a `FashionCNN`
+    "The modules whose outputs end the stages of a `FashionCNN`: its `ConvBN`s that pool"
+    return [m for m in model.modules() if isinstance(m, ConvBN) and any(isinstance(x, nn.MaxPool2d) for x in m)]
+
 # %% ../nbs/06_pretraining.ipynb #9ed106dd
 class Distill(Callback):
-    "Train the learner's model to match `teacher` (run on the same augmented batch) with `kd_loss`; validation keeps the plain loss"
+    "Train the learner's model to match `teacher` (run on the same augmented batch) with `kd_loss` (and `at_loss`); validation keeps the plain loss"
     order = 5
     def __init__(self, teacher:nn.Module, # the trained teacher (put in eval mode, never trained)
                  T:float=4.0, # temperature
                  alpha:float=0.9, # weight of the teacher's term
                  mixup:float=0.0, # > 0: blend each batch with a shuffled copy, weight ~ Beta(mixup, mixup)
                  label_smoothing:float=0.0, # of the cross-entropy term
-                 cache=False, # True (or a dict to share between runs): remember the teacher's logits per distinct image
-                 seed:int=0): # seed of the mixup draws
+                 cache=False, # True (or a dict to share between runs): remember the teacher's outputs per distinct image
+                 seed:int=0, # seed of the mixup draws
+                 attention:float=0.0): # β of attention transfer (`at_loss`) at the ends of the stages (`stage_ends`); 0: off
         _check_kd(torch.zeros(1, 2), torch.zeros(1, 2), T, alpha)
         if mixup < 0: raise ValueError(f"Distill: mixup is a Beta distribution's parameter, >= 0 (0: off); got {mixup}")
-        self.teacher, self.T, self.alpha, self.mixup, self.ls = teacher.eval(), T, alpha, mixup, label_smoothing
+        if isinstance(attention, bool) or not isinstance(attention, (int, float)) or not (attention >= 0 and math.isfinite(attention)):
+            raise ValueError(f"Distill: attention is the weight β of the attention-transfer term, a number >= 0 (0: off); got {attention!r}")
+        self.teacher, self.T, self.alpha, self.mixup, self.ls, self.attention = teacher.eval(), T, alpha, mixup, label_smoothing, attention
         self.cache = {} if cache is True else cache if isinstance(cache, dict) else None
-        self.g, self.rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+        self.g, self.rng, self._hooks = torch.Generator().manual_seed(seed), np.random.default_rng(seed), []
+
+    def _teacher_rows(self, xb):
+        "One teacher pass: its logits (N, classes), with `attention` followed by its map at each stage end, side by side"
+        out = self.teacher(xb)
+        return torch.cat([out] + [attention_map(f) for f in self._t_feats], 1) if self.attention else out
+
     def teach(self, xb): # a batch
-        "The teacher's logits for `xb`; with the cache, each distinct image goes through the teacher once"
+        "The teacher's logits for `xb` (with `attention`, then its maps); with the cache, each distinct image goes through the teacher once"
         with torch.no_grad():
-            if self.cache is None: return self.teacher(xb)
-            keys = [hash(r.tobytes()) for r in xb.cpu().numpy()]
+            if self.cache is None: return self._teacher_rows(xb)
+            keys = [(hash(r.tobytes()), self.attention > 0) for r in xb.cpu().numpy()]
             new = [i for i, k in enumerate(keys) if k not in self.cache]
             if new:
-                for i, o in zip(new, self.teacher(xb[new]).float().cpu()): self.cache[keys[i]] = o
+                for i, o in zip(new, self._teacher_rows(xb[new]).float().cpu()): self.cache[keys[i]] = o
             return torch.stack([self.cache[k] for k in keys]).to(xb.device)
-    def before_fit(self): self.teacher.to(self.learn.device).eval()  # read under no_grad: its parameters are left as they are
+
+    def before_fit(self):
+        self.teacher.to(self.learn.device).eval()  # read under no_grad: its parameters are left as they are
+        self.after_fit()  # hooks a failed fit left behind
+        if not self.attention: return
+        ts, ss = stage_ends(self.teacher), stage_ends(self.learn.model)
+        if not ss or len(ts) != len(ss):
+            raise ValueError(f"Distill(attention={self.attention}): the student has {len(ss)} stages and the teacher {len(ts)}; attention "
+                             "transfer pairs the ends of their stages (FashionCNNs with as many poolings), or use attention=0")
+        self._t_feats, self._s_feats = [None] * len(ts), [None] * len(ss)
+        keep = lambda store, j: (lambda m, i, o: store.__setitem__(j, o))
+        self._hooks = ([m.register_forward_hook(keep(self._t_feats, j)) for j, m in enumerate(ts)] +
+                       [m.register_forward_hook(keep(self._s_feats, j)) for j, m in enumerate(ss)])
+    def after_fit(self):
+        for h in self._hooks: h.remove()
+        self._hooks = []
+
     def before_batch(self):
         L = self.learn
         if not L.training: return
@@ -400,12 +449,18 @@ class Distill(Callback):
         if self.mixup > 0:
             self.lam, self.perm = float(self.rng.beta(self.mixup, self.mixup)), torch.randperm(len(L.xb), generator=self.g).to(L.xb.device)
             L.xb = self.lam * L.xb + (1 - self.lam) * L.xb[self.perm]
-        self.t_logits = self.teach(L.xb)
+        self.t_rows = self.teach(L.xb)
+
     def after_loss(self):
         L = self.learn
         if not L.training: return
-        kd = lambda y: kd_loss(L.pred, self.t_logits, y, self.T, self.alpha, self.ls)
+        C = L.pred.shape[-1]
+        kd = lambda y: kd_loss(L.pred, self.t_rows[:, :C], y, self.T, self.alpha, self.ls)
         L.loss = kd(L.yb) if self.lam is None else self.lam * kd(L.yb) + (1 - self.lam) * kd(L.yb[self.perm])
+        if self.attention:
+            s_maps = [attention_map(f) for f in self._s_feats]
+            L.loss = L.loss + at_loss(s_maps, self.t_rows[:, C:].split([m.shape[1] for m in s_maps], 1), self.attention)
+
 
 # %% ../nbs/06_pretraining.ipynb #f757b259
 STUDENT = CNNConfig(channels=(16, 32, 64), hidden=0)  # the distillation student: under a tenth of `CNNConfig()`'s parameters
@@ -417,7 +472,8 @@ def train_student(dls, # Fashion-MNIST `DataLoaders` (normalized `train`, and `t
                   T:float=4.0, # temperature
                   alpha:float=0.9, # weight of the teacher's term
                   mixup:float=0.0, # `Distill`'s mixup
-                  cache=False, # `Distill`'s cache of the teacher's logits
+                  cache=False, # `Distill`'s cache of the teacher's outputs
+                  attention:float=0.0, # `Distill`'s attention transfer β (0: off)
                   idx=None, # indices of the training images used (None: all)
                   unlabelled:bool=False, # with `idx`: train on all images, but only `idx` keep their labels (the transfer set)
                   name:str=None, # the row's name
@@ -434,8 +490,9 @@ def train_student(dls, # Fashion-MNIST `DataLoaders` (normalized `train`, and `t
     train = TensorLoader(x, y, min(r.batch_size, len(x)), shuffle=True, seed=r.seed, transform=aug, drop_last=True)
     data = DataLoaders(train, None, dls.test, classes=dls.classes, mean=dls.mean, std=dls.std)
     model = FashionCNN(cfg).to(memory_format=torch.channels_last)
-    cbs = [Distill(teacher, T, alpha, mixup, r.label_smoothing, cache, r.seed)] if teacher is not None else None
-    name = name or (f"student, distilled (T={T}, alpha={alpha}{f', mixup {mixup}' if mixup else ''})" if teacher is not None else "student alone")
+    cbs = [Distill(teacher, T, alpha, mixup, r.label_smoothing, cache, r.seed, attention)] if teacher is not None else None
+    name = name or (f"student, distilled (T={T}, alpha={alpha}{f', mixup {mixup}' if mixup else ''}{f', attention {attention}' if attention else ''})"
+                    if teacher is not None else "student alone")
     learn, row = train_measured(name, model, data, r.epochs, r.lr, opt_func=partial(torch.optim.AdamW, weight_decay=r.weight_decay),
                                 loss_func=partial(F.cross_entropy, label_smoothing=r.label_smoothing), progress=progress, cbs=cbs, threads=threads)
     row.update(steps=learn.train_iter, labelled=int((y != -100).sum()), error=1 - row['test_acc'])

@@ -1,4 +1,4 @@
-"Tests of bigmodel_nb.pretrain (chapter 06): few labels, NT-Xent and kd_loss against float64 formulas, the freezing and distillation callbacks, the views, the lifecycle step"
+"Tests of bigmodel_nb.pretrain (chapter 06): few labels, NT-Xent, kd_loss and at_loss against float64 formulas, the freezing and distillation callbacks, the views, the lifecycle step"
 import json, math
 from functools import partial
 
@@ -12,7 +12,8 @@ from bigmodel_nb.concepts import check_against, count_parameters
 from bigmodel_nb.data import TensorLoader, image_dataloaders
 from bigmodel_nb.learner import Callback, Learner, evaluate
 from bigmodel_nb.pretrain import (STUDENT, Distill, FineTuneRecipe, FreezeEncoder, MaskPatches, PretrainRecipe, TwoViews,
-                                  class_subset, copy_modules, few_labels, kd_loss, nt_xent, pretrain, step_distill, train_few)
+                                  at_loss, attention_map, class_subset, copy_modules, few_labels, kd_loss, nt_xent, pretrain,
+                                  stage_ends, step_distill, train_few)
 
 
 @pytest.fixture(scope='module')
@@ -113,6 +114,46 @@ def test_distill_teacher_sees_the_augmented_batch_and_validation_is_ce(dls):
     assert len(got) == len(seen.xs) == 2 and all(torch.equal(a, b) for a, b in zip(got, seen.xs))
     assert abs(learn.recorder.log[-1]['valid_loss'] - evaluate(stu, va)['loss']) < 1e-5
     with pytest.raises(ValueError, match='mixup'): Distill(teacher, mixup=-1)
+
+
+def _at_direct(fs, ft, beta):
+    def q(f):
+        a = (f * f).sum(1).reshape(len(f), -1) / f.shape[1]
+        return a / torch.sqrt((a * a).sum(1, keepdim=True))
+    return beta / 2 * sum(((q(s) - q(t)) ** 2).sum() / q(s).numel() for s, t in zip(fs, ft))
+
+
+@pytest.mark.parametrize('n,shapes,beta', [(4, [(3, 6, 6), (5, 3, 3)], 10.), (2, [(1, 4, 7)], 250.)])
+def test_at_loss_matches_float64_formula(n, shapes, beta):
+    torch.manual_seed(n)
+    ft = [torch.randn(n, c + 2, h, w, dtype=torch.float64) for c, h, w in shapes]
+    fs = [torch.randn(n, c, h, w, dtype=torch.float64) for c, h, w in shapes]
+    flat = torch.cat([f.flatten() for f in fs]).requires_grad_()
+    unflat = lambda v: [p.view_as(f) for p, f in zip(v.split([f.numel() for f in fs]), fs)]
+    check_against(lambda v: at_loss([attention_map(f) for f in unflat(v)], [attention_map(f) for f in ft], beta),
+                  lambda v: _at_direct(unflat(v), ft, beta), flat, eps=1e-10)
+
+
+def test_at_loss_bad_input():
+    f = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r'\(N, C, H, W\)'): attention_map(f[0])
+    with pytest.raises(ValueError, match='one teacher map per student map'): at_loss([], [])
+    with pytest.raises(ValueError, match='same height and width'): at_loss([attention_map(f)], [attention_map(f[:, :, :2])])
+    with pytest.raises(ValueError, match='a number >= 0'): Distill(FashionCNN(), attention=float('nan'))
+
+
+def test_distill_with_attention_transfer_trains_and_removes_its_hooks(dls):
+    torch.manual_seed(0)
+    teacher = FashionCNN(CNNConfig(channels=(8, 8, 8), hidden=0)).eval()
+    stu = FashionCNN(CNNConfig(channels=(4, 4, 4), hidden=0))
+    tr = TensorLoader(dls.train.x[:64], dls.train.y[:64], 32, shuffle=True)
+    before = [p.clone() for p in stu.parameters()]
+    Learner(stu, (tr, None), progress=False, cbs=[Distill(teacher, T=1., alpha=1., attention=10., cache=True)]).fit(1)
+    assert any(not torch.equal(a, b) for a, b in zip(before, stu.parameters()))
+    assert all(len(m._forward_hooks) == 0 for m in [*stage_ends(stu), *stage_ends(teacher)])
+    two = FashionCNN(CNNConfig(channels=(4, 4), convs=(1, 1), hidden=0))
+    with pytest.raises(ValueError, match='the student has 2 stages and the teacher 3'):
+        Learner(two, (tr, None), progress=False, cbs=[Distill(teacher, attention=1.)]).fit(1)
 
 
 def test_views_and_masks(dls):
