@@ -10,7 +10,7 @@
 
 Each run appends one JSON line to bench/results/distill_runs.jsonl (runs are step-counted: no lock needed, and seeds
 can run in separate processes); `--report` writes bench/results/distill.md from them. Last line: `distill ratio: <r>`.
-Options: --part a|b, --student NAME, --seeds 0 1 2, --epochs E, --T 4, --alpha 0.9, --mixup 0, --attention 0, --report.
+Options: --part a|b, --teacher strong|no-smoothing, --student NAME, --seeds 0 1 2, --epochs E, --T 4, --alpha 0.9, --mixup 0, --attention 0, --report.
 """
 import argparse, json, time
 from dataclasses import replace
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigmodel_nb.cnn import CNNConfig, FashionCNN, get_trained_cnn
+from bigmodel_nb.cnn import CNNConfig, CNNRecipe, FashionCNN, get_trained_cnn, load_cnn, train_fashion_cnn
+from bigmodel_nb.data import cache_dir
 from bigmodel_nb.concepts import count_parameters, machine_info, markdown_table
 from bigmodel_nb.data import image_dataloaders
 from bigmodel_nb.learner import accuracy_on
@@ -33,6 +34,24 @@ RUNS = RESULTS / 'distill_runs.jsonl'
 # students with under a tenth of the teacher's parameters: the chapter's, and two smaller shapes
 STUDENT_SHAPES = {'student': STUDENT, 'tiny': CNNConfig(channels=(8, 16, 32), hidden=0),
                   'two-stage': CNNConfig(channels=(16, 32), convs=(1, 1), hidden=0)}
+# teachers: the strong CNN as the CNN chapter trains it (label smoothing 0.1), and the same network and recipe without
+# label smoothing (Mueller et al. 2019: smoothing erases what a teacher knows about the wrong classes)
+NO_SMOOTHING = CNNRecipe(label_smoothing=0.0)
+
+
+def get_teacher(name, dls):
+    "The teacher called `name`: 'strong' (`get_trained_cnn()`), or 'no-smoothing' (trained once with `NO_SMOOTHING`, then cached)"
+    if name == 'strong': return get_trained_cnn(verbose=False)
+    path = cache_dir() / 'models' / 'fashion_cnn_no_smoothing.safetensors'
+    if path.is_file():
+        m = load_cnn(path)
+        if m.info.get('recipe') == asdict(NO_SMOOTHING): return m
+    t = time.perf_counter()
+    m, row = train_fashion_cnn(recipe=NO_SMOOTHING, dls=dls, progress=False, name='strong CNN, no label smoothing')
+    save_cnn(m, path, info={'recipe': asdict(NO_SMOOTHING), **row})
+    print(f"trained the teacher without label smoothing: {row['test_acc']:.2%} in {time.perf_counter() - t:.0f} s; saved {path}", flush=True)
+    m.info = {'recipe': asdict(NO_SMOOTHING), **row}
+    return m
 
 
 def log(row):
@@ -43,9 +62,9 @@ def log(row):
 
 def run(a):
     dls = image_dataloaders('fashion_mnist', valid_pct=0.0, seed=0, verbose=False, limit=a.limit)
-    teacher = get_trained_cnn(verbose=False)
+    teacher = get_teacher(a.teacher, dls)
     cfg = STUDENT_SHAPES[a.student]
-    cache, base = {}, dict(student=a.student, threads=torch.get_num_threads(), epochs=a.epochs, T=a.T, alpha=a.alpha, mixup=a.mixup, attention=a.attention, machine=machine_info(),
+    cache, base = {}, dict(teacher=a.teacher, student=a.student, threads=torch.get_num_threads(), epochs=a.epochs, T=a.T, alpha=a.alpha, mixup=a.mixup, attention=a.attention, machine=machine_info(),
                            teacher_acc=teacher.info['test_acc'], teacher_params=count_parameters(teacher), student_params=count_parameters(FashionCNN(cfg)))
     for s in a.seeds:
         r = replace(DISTILL_RECIPE, epochs=a.epochs, seed=s)
@@ -55,7 +74,7 @@ def run(a):
                 kw = dict(teacher=teacher, T=a.T, alpha=a.alpha, mixup=a.mixup, attention=a.attention, cache=cache) if arm == 'distilled' else {}
                 _, row = train_student(dls, r, cfg=cfg, **kw)
                 log(dict(base, part='a', arm=arm, seed=s, error=row['error'], steps=row['steps'], train_s=row['train_s'], wall_s=round(time.perf_counter() - t, 1)))
-                if arm == 'distilled' and s == 0 and a.student == 'student' and a.limit is None and (a.epochs, a.T, a.alpha, a.mixup, a.attention) == (DISTILL_RECIPE.epochs, DISTILL_T, DISTILL_ALPHA, 0.0, 0.0):
+                if arm == 'distilled' and s == 0 and a.student == 'student' and a.teacher == 'strong' and a.limit is None and (a.epochs, a.T, a.alpha, a.mixup, a.attention) == (DISTILL_RECIPE.epochs, DISTILL_T, DISTILL_ALPHA, 0.0, 0.0):
                     want = dict(recipe=asdict(r), T=DISTILL_T, alpha=DISTILL_ALPHA, limit=None)  # what `get_student()` loads
                     save_cnn(_, student_path(), info={**want, **row}); print(f"saved the distilled student to {student_path()}")
         else:
@@ -67,12 +86,14 @@ def run(a):
 
 
 def report():
-    rows = [dict({'student': 'student', 'attention': 0.0}, **json.loads(l)) for l in RUNS.read_text().splitlines() if l.strip()]  # early runs: the chapter's student
+    rows = [dict({'teacher': 'strong', 'student': 'student', 'attention': 0.0}, **json.loads(l)) for l in RUNS.read_text().splitlines() if l.strip()]  # early runs: the chapter's student
     r0 = rows[-1]
     sizes = {r['student']: r['student_params'] for r in rows}
     threads = sorted({str(r.get('threads', 1)) for r in rows})
-    body = (f"Machine (of the last run): {r0['machine']}\n\nTeacher: the strong CNN, {r0['teacher_params']:,} parameters, "
-            f"{100 * r0['teacher_acc']:.2f}% test accuracy. Students (`STUDENT_SHAPES`): " +
+    accs = {r['teacher']: r['teacher_acc'] for r in rows if r['arm'] != 'alone'}
+    names = {'strong': 'the strong CNN (`get_trained_cnn()`, label smoothing 0.1)', 'no-smoothing': 'the same network and recipe without label smoothing (`NO_SMOOTHING`)'}
+    body = (f"Machine (of the last run): {r0['machine']}\n\nTeachers ({r0['teacher_params']:,} parameters): " +
+            '; '.join(f"`{t}`: {names[t]}, {100 * a:.2f}% test accuracy" for t, a in accs.items()) + ". Students (`STUDENT_SHAPES`): " +
             ', '.join(f"{n} (channels {STUDENT_SHAPES[n].channels}, hidden {STUDENT_SHAPES[n].hidden}) {p:,} parameters ({p / r0['teacher_params']:.1%})" for n, p in sizes.items()) +
             f". All errors on the 10,000 test images; each run one process ({' or '.join(threads)} torch thread(s)), step-counted.\n\n")
     table, goals = [], []
@@ -89,17 +110,21 @@ def report():
         sel = [r for r in rows if r['part'] == 'a' and r['student'] == st and r['epochs'] == E]
         alone = {r['seed']: r for r in sel if r['arm'] == 'alone'}
         if alone: add('alone', ('a', f"{st}, {E} epochs"), alone)
-        for T, alpha, mixup, at in sorted({(r['T'], r['alpha'], r['mixup'], r['attention']) for r in sel if r['arm'] == 'distilled'}):
-            d = {r['seed']: r for r in sel if r['arm'] == 'distilled' and (r['T'], r['alpha'], r['mixup'], r['attention']) == (T, alpha, mixup, at)}
-            cfg = f"{st}, {E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}" + (f", attention={at:g}" if at else '')
+        variant = lambda r: (r['teacher'] != 'strong', r['teacher'], r['T'], r['alpha'], r['mixup'], r['attention'])
+        for v in sorted({variant(r) for r in sel if r['arm'] == 'distilled'}):
+            _, tn, T, alpha, mixup, at = v
+            d = {r['seed']: r for r in sel if r['arm'] == 'distilled' and variant(r) == v}
+            cfg = (f"{st}, {E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}" + (f", attention={at:g}" if at else '') +
+                   (f", teacher {tn}" if tn != 'strong' else ''))
             g = add('distilled', ('a', cfg), d, alone)
             if g: goals.append(('a', cfg, *g))
-    key = lambda r: (r['student'], r['epochs'], r['T'], r['alpha'], r['mixup'], r['attention'])
-    for st, E, T, alpha, mixup, at in sorted({key(r) for r in rows if r['part'] == 'b'}):
-        sel = [r for r in rows if r['part'] == 'b' and key(r) == (st, E, T, alpha, mixup, at)]
+    key = lambda r: (r['teacher'], r['student'], r['epochs'], r['T'], r['alpha'], r['mixup'], r['attention'])
+    for tn, st, E, T, alpha, mixup, at in sorted({key(r) for r in rows if r['part'] == 'b'}):
+        sel = [r for r in rows if r['part'] == 'b' and key(r) == (tn, st, E, T, alpha, mixup, at)]
         base = {r['seed']: r for r in sel if r['arm'] == '100 labels alone'}
         add('100 labels alone (train_few, 300 steps)', ('b', f"{st}, few-label recipe"), base)
-        cfg = f"{st}, {E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}" + (f", attention={at:g}" if at else '')
+        cfg = (f"{st}, {E} epochs, T={T:g}, alpha={alpha:g}, mixup={mixup:g}" + (f", attention={at:g}" if at else '') +
+               (f", teacher {tn}" if tn != 'strong' else ''))
         g = add('100 labels + transfer set', ('b', cfg), {r['seed']: r for r in sel if r['arm'] == '100 labels + transfer set'}, base)
         if g: goals.append(('b', cfg, *g))
     body += markdown_table(table, ['part', 'config', 'arm', 'seeds', 'steps', 'error', 'spread', 'ratio', 'ratios', 'train_s'],
@@ -118,6 +143,7 @@ def report():
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--part', default='a', choices=['a', 'b'])
+    ap.add_argument('--teacher', default='strong', choices=['strong', 'no-smoothing'], help='the strong CNN, or the same trained without label smoothing')
     ap.add_argument('--student', default='student', choices=list(STUDENT_SHAPES), help="the student's shape")
     ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     ap.add_argument('--arms', nargs='+', default=['alone', 'distilled'])

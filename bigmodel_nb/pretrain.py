@@ -368,7 +368,7 @@ def kd_loss(student_logits:torch.Tensor, # (N, C)
     ce = F.cross_entropy(s[lab], y[lab], label_smoothing=label_smoothing) if lab.any() else s.sum() * 0.
     return alpha * T * T * kl + (1 - alpha) * ce
 
-# %% ../nbs/06_pretraining.ipynb #9c631f44
+# %% ../nbs/06_pretraining.ipynb #5bbd44bb
 def attention_map(f:torch.Tensor) -> torch.Tensor: # feature maps (N, C, H, W)
     "Where a layer looks: the channels' mean squared activation at each position, flattened and scaled to unit length (N, H·W)"
     if not isinstance(f, torch.Tensor) or f.ndim != 4:
