@@ -459,7 +459,11 @@ class Distill(Callback):
         L.loss = kd(L.yb) if self.lam is None else self.lam * kd(L.yb) + (1 - self.lam) * kd(L.yb[self.perm])
         if self.attention:
             s_maps = [attention_map(f) for f in self._s_feats]
-            L.loss = L.loss + at_loss(s_maps, self.t_rows[:, C:].split([m.shape[1] for m in s_maps], 1), self.attention)
+            sizes = [m.shape[1] for m in s_maps]
+            if self.t_rows.shape[1] - C != sum(sizes):
+                raise ValueError(f"Distill(attention=...): the teacher's maps hold {self.t_rows.shape[1] - C} positions and the student's "
+                                 f"{sum(sizes)} ({sizes}); attention transfer needs stages of the same heights and widths (the same input size)")
+            L.loss = L.loss + at_loss(s_maps, self.t_rows[:, C:].split(sizes, 1), self.attention)
 
 
 # %% ../nbs/06_pretraining.ipynb #f757b259
