@@ -1,5 +1,6 @@
 """Benchmark of the pretraining chapter's distillation: the strong CNN (`get_trained_cnn()`) teaches a student
-`FashionCNN(STUDENT)` with under a tenth of its parameters (`--student` picks another shape from `STUDENT_SHAPES`).
+`FashionCNN(STUDENT)` with under a tenth of its parameters (`--student` picks another shape from `STUDENT_SHAPES`;
+`--teacher no-smoothing` the same network trained by the same recipe without label smoothing, trained once and cached).
 
 (a) All labels: the student alone and distilled (`Distill`, teacher on the same augmented batch, logits cached per
     distinct view) with the same recipe and the same number of steps. Goal: median over seeds of the
@@ -19,12 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigmodel_nb.cnn import CNNConfig, CNNRecipe, FashionCNN, get_trained_cnn, load_cnn, train_fashion_cnn
-from bigmodel_nb.data import cache_dir
+from bigmodel_nb.cnn import CNNConfig, CNNRecipe, FashionCNN, get_trained_cnn, load_cnn, save_cnn, train_fashion_cnn
 from bigmodel_nb.concepts import count_parameters, machine_info, markdown_table
-from bigmodel_nb.data import image_dataloaders
+from bigmodel_nb.data import cache_dir, image_dataloaders
 from bigmodel_nb.learner import accuracy_on
-from bigmodel_nb.cnn import save_cnn
 from dataclasses import asdict
 from bigmodel_nb.pretrain import DISTILL_ALPHA, DISTILL_T, student_path, DISTILL_RECIPE, STUDENT, FineTuneRecipe, few_labels, median_spread, train_few, train_student
 
