@@ -11,7 +11,7 @@ hidden layer on the 60,000 Fashion-MNIST training images without labels, then fe
    Last line: `pretrain gain: <points>`.
 
 Writes bench/results/pretrain.md (the pretraining facts are read from the cached network's JSON).
-Options: --pretrain, --objective simclr|mae, --epochs E, --keep K, --seeds 0 1 2, --k 10 100, --arms ...
+Options: --pretrain, --objective simclr|mae, --epochs E, --mask-ratio R, --keep K, --seeds 0 1 2, --k 10 100, --arms ...
 """
 import argparse, json, time
 from dataclasses import asdict, replace
@@ -32,6 +32,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--pretrain', action='store_true', help='pretrain and cache (run alone, under the lock)')
     ap.add_argument('--objective', default='simclr', choices=['simclr', 'mae'])
+    ap.add_argument('--mask-ratio', type=float, default=None, help="the autoencoder's share of hidden patches (default: the recipe's)")
     ap.add_argument('--epochs', type=int, default=None, help="pretraining epochs at most (default: the recipe's; the time budget still caps it)")
     ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     ap.add_argument('--k', type=int, nargs='+', default=[10, 100])
@@ -43,7 +44,8 @@ def main():
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     ft = replace(FineTuneRecipe(), **({'keep': a.keep} if a.keep else {}))
-    recipe = replace(PretrainRecipe(), objective=a.objective, **({'epochs': a.epochs} if a.epochs else {}))
+    recipe = replace(PretrainRecipe(), objective=a.objective, **({'epochs': a.epochs} if a.epochs else {}),
+                     **({'mask_ratio': a.mask_ratio} if a.mask_ratio else {}))
     print(machine_info(), flush=True)
     dls = image_dataloaders('fashion_mnist', valid_pct=0.0, seed=0, verbose=False)
     if a.pretrain:
