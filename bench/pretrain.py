@@ -89,7 +89,7 @@ def main():
             f"Goal: with 10 labels per class, {GOAL_ARM} of the pretrained network >= scratch + {GOAL_POINTS} points (medians over 3 seeds): "
             + ('not measured' if gain is None else f"{gain:+.2f} points (paired per seed: {', '.join(f'{p:+.2f}' for p in paired)}) — "
                f"{'MET' if gain >= GOAL_POINTS else 'NOT met'}") + '\n')
-    write_results(a.out, 'Pretraining benchmark: SimCLR on the conv stages, few-label fine-tuning', body)
+    write_results(a.out, f"Pretraining benchmark: {'SimCLR' if r['objective'] == 'simclr' else 'the masked-patch autoencoder'} on the conv stages, few-label fine-tuning", body)
     print(f"pretrain gain: {gain:.2f}" if gain is not None else "pretrain gain: n/a")
 
 
