@@ -6,7 +6,7 @@ Docs: https://bigmodel-nb.github.io/bigmodel_nb/serving.html.md"""
 
 # %% ../nbs/09_serving.ipynb #308f37f1
 from __future__ import annotations
-import asyncio, collections, concurrent.futures, contextlib, json, logging, math, os, signal, socket, sys, threading, time, urllib.parse
+import asyncio, collections, concurrent.futures, contextlib, importlib, inspect, json, logging, math, multiprocessing, os, signal, socket, sys, threading, time, urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,11 @@ from .deploy import load_package, verify_package, serving_graph, Predictor, Toke
 
 # %% auto #0
 __all__ = ['V2_DATATYPES', 'LATENCY_BUCKETS', 'INFER_REQUEST_SCHEMA', 'GENERATE_REQUEST_SCHEMA', 'MAX_GENERATE_TOKENS', 'log',
-           'InferError', 'decode_tensor', 'parse_infer_request', 'infer_response', 'Batcher', 'DriftMonitor',
-           'ServerMetrics', 'sample_next', 'GenerationScheduler', 'ModelVersion', 'ModelRepository', 'create_app',
-           'ServerThread', 'V2Client', 'metric_samples', 'histogram_from_metrics', 'plot_serving', 'measure_generation',
-           'triton_config', 'check_triton_config', 'export_triton', 'app_from_env', 'serve_command', 'serve_process',
-           'step_serve']
+           'InferError', 'decode_tensor', 'parse_infer_request', 'infer_response', 'Batcher', 'ModelProcess',
+           'DriftMonitor', 'ServerMetrics', 'sample_next', 'GenerationScheduler', 'ModelVersion', 'ModelRepository',
+           'create_app', 'ServerThread', 'V2Client', 'metric_samples', 'histogram_from_metrics', 'plot_serving',
+           'measure_generation', 'triton_config', 'check_triton_config', 'export_triton', 'app_from_env',
+           'serve_command', 'serve_process', 'step_serve']
 
 # %% ../nbs/09_serving.ipynb #beed22fc
 V2_DATATYPES = {'BOOL': np.bool_, 'UINT8': np.uint8, 'UINT16': np.uint16, 'UINT32': np.uint32, 'UINT64': np.uint64,
@@ -129,11 +129,12 @@ class Batcher:
                  max_delay_ms:float=0.0, # wait this long for a fuller batch (0: run what is queued now)
                  max_queue:int=1024, # queued items at most; beyond it `submit` raises InferError(503)
                  executor=None, # run `fn` in this executor (a thread) instead of on the event loop
-                 on_batch=None): # called with (requests, items, queue_seconds list) after each model call
+                 on_batch=None, # called with (requests, items, queue_seconds list) after each model call
+                 on_close=None): # called once, when a retired or drained batcher has answered every queued request
         if max_batch_size < 1: raise ValueError(f"max_batch_size={max_batch_size}: expected at least 1")
         self.fn, self.max_batch_size, self.max_delay, self.max_queue = fn, max_batch_size, max_delay_ms / 1000, max_queue
-        self.executor, self.on_batch = executor, on_batch
-        self.queue, self.queued, self._task, self._wake, self.closing = collections.deque(), 0, None, None, False
+        self.executor, self.on_batch, self.on_close = executor, on_batch, on_close
+        self.queue, self.queued, self._task, self._wake, self._loop, self.closing = collections.deque(), 0, None, None, None, False
 
     async def submit(self, x:np.ndarray) -> dict:
         "Queue one request (its first axis is its items) and wait for its outputs."
@@ -141,7 +142,7 @@ class Batcher:
         if self.queued + len(x) > self.max_queue:
             raise InferError(503, f"the queue is full ({self.queued} items queued, at most {self.max_queue}): retry after a moment")
         if self._task is None:
-            self._wake = asyncio.Event(); self._task = asyncio.get_running_loop().create_task(self._run())
+            self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event(); self._task = self._loop.create_task(self._run())
         fut = asyncio.get_running_loop().create_future()
         self.queue.append((x, fut, time.perf_counter())); self.queued += len(x); self._wake.set()
         return await fut
@@ -152,7 +153,7 @@ async def _run(self:Batcher):
     loop = asyncio.get_running_loop()
     while True:
         if not self.queue:
-            if self.closing: return
+            if self.closing: self._close(); return
             self._wake.clear(); await self._wake.wait(); continue
         if self.max_delay > 0 and self.queued < self.max_batch_size:
             deadline = self.queue[0][2] + self.max_delay
@@ -166,7 +167,9 @@ async def _run(self:Batcher):
         self.queued -= total
         t = time.perf_counter()
         x = items[0][0] if len(items) == 1 else np.concatenate([i[0] for i in items])
-        try: out = self.fn(x) if self.executor is None else await loop.run_in_executor(self.executor, self.fn, x)
+        try:
+            out = self.fn(x) if self.executor is None else await loop.run_in_executor(self.executor, self.fn, x)
+            if inspect.isawaitable(out): out = await out  # a model in another process answers through the loop
         except Exception as e:
             for _, fut, _ in items:
                 if not fut.done(): fut.set_exception(e)
@@ -182,8 +185,86 @@ async def _run(self:Batcher):
 async def drain(self:Batcher):
     "Stop taking requests; return once every queued one has its answer."
     self.closing = True
-    if self._task is not None:
-        self._wake.set(); await self._task
+    if self._task is None: self._close()
+    else: self._wake.set(); await self._task
+
+@patch
+def retire(self:Batcher):
+    "Take no new requests; the queued ones still get their answers, then `on_close` runs. Safe from any thread."
+    self.closing = True
+    if self._task is None: self._close()
+    elif not self._task.done(): self._loop.call_soon_threadsafe(self._wake.set)
+
+@patch
+def _close(self:Batcher):
+    if self.on_close is not None: f, self.on_close = self.on_close, None; f()
+
+# %% ../nbs/09_serving.ipynb #70ad0073
+_PIXEL_DTYPES = {b'u': np.dtype(np.uint8), b'f': np.dtype(np.float32)}
+
+def _importable(f):
+    "`f` as a spawned process can import it: run in a notebook, `f` lives in `__main__`, so take the library's copy."
+    return getattr(importlib.import_module('bigmodel_nb.serve'), f.__name__) if f.__module__ == '__main__' else f
+
+def _model_process_main(folder:str, threads:int, conn):
+    "A model process: load the package, say b'R' (or b'E' and why), then answer batches until the pipe closes."
+    try: p = load_package(folder, threads=threads, spin=False)
+    except Exception as e: conn.send_bytes(b'E' + f"{type(e).__name__}: {e}".encode()); return
+    conn.send_bytes(b'R')
+    while True:
+        try: msg = conn.recv_bytes()
+        except (EOFError, OSError): return
+        try:
+            n = int.from_bytes(msg[1:5], 'little')
+            x = np.frombuffer(msg, _PIXEL_DTYPES[msg[:1]], offset=5).reshape(n, *p.shape)
+            pred = p.predict(x, batch_size=1 << 30)
+            out = b''.join([b'O', pred.probs.astype(np.float32).tobytes(), pred.labels.astype(np.int64).tobytes()])
+        except Exception as e: out = b'E' + f"{type(e).__name__}: {e}".encode()
+        conn.send_bytes(out)
+
+# %% ../nbs/09_serving.ipynb #6a7040ae
+class ModelProcess:
+    "An image package's `Predictor` in a process of its own; calling it with a batch returns a future of its outputs."
+    def __init__(self, folder, # the package folder
+                 n_labels:int, # the model's number of labels (the width of `probabilities`)
+                 threads:int=1, # ONNX Runtime threads in the model process
+                 timeout:float=120.0): # seconds to wait for the process to load the package
+        ctx = multiprocessing.get_context('spawn')  # a fresh interpreter: no copied locks or ONNX Runtime threads
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_importable(_model_process_main), args=(str(folder), threads, child), daemon=True, name=f'model {Path(folder).name}')
+        self.process.start(); child.close()
+        self.n_labels, self._pending = n_labels, None
+        ok = self.conn.poll(timeout)
+        msg = self.conn.recv_bytes() if ok else b'E' + f"no answer in {timeout} s".encode()
+        if msg != b'R': self.close(); raise RuntimeError(f"the model process could not load {folder}: {msg[1:].decode()}")
+
+    def __call__(self, x:np.ndarray) -> asyncio.Future:
+        "Send a batch (uint8 or float32 pixels); the future resolves to {'probabilities', 'labels'}."
+        if self._pending is not None: raise RuntimeError("one batch at a time: await the previous one first")
+        if x.dtype not in (np.uint8, np.float32): raise ValueError(f"pixels of dtype {x.dtype}: expected uint8 or float32")
+        loop = asyncio.get_running_loop(); fut = loop.create_future()
+        try: self.conn.send_bytes(b''.join([b'u' if x.dtype == np.uint8 else b'f', len(x).to_bytes(4, 'little'), np.ascontiguousarray(x).tobytes()]))
+        except OSError: fut.set_exception(self._gone()); return fut
+        self._pending = (fut, len(x)); loop.add_reader(self.conn.fileno(), self._answer, loop)
+        return fut
+
+    def _answer(self, loop):
+        loop.remove_reader(self.conn.fileno()); (fut, n), self._pending = self._pending, None
+        try: msg = self.conn.recv_bytes()
+        except (EOFError, OSError): fut.set_exception(self._gone()); return
+        if msg[:1] != b'O': fut.set_exception(RuntimeError(f"the model failed: {msg[1:].decode()}")); return
+        k = n * self.n_labels
+        fut.set_result({'probabilities': np.frombuffer(msg, np.float32, k, offset=1).reshape(n, self.n_labels),
+                        'labels': np.frombuffer(msg, np.int64, n, offset=1 + 4 * k)})
+
+    def _gone(self):
+        self.process.join(1)
+        return RuntimeError(f"the model process exited (status {self.process.exitcode}): load the model again")
+
+    def close(self):
+        "Stop the process (closing the pipe ends its loop)."
+        self.conn.close(); self.process.join(5)
+        if self.process.is_alive(): self.process.kill(); self.process.join()
 
 # %% ../nbs/09_serving.ipynb #dc4fe7bd
 class DriftMonitor:
@@ -329,6 +410,11 @@ async def drain(self:GenerationScheduler):
     self.closing = True
     if self._task is not None: self._wake.set(); await self._task
 
+@patch
+def retire(self:GenerationScheduler):
+    "Take no new generations; the running and waiting ones finish (it holds nothing else to release)."
+    self.closing = True
+
 # %% ../nbs/09_serving.ipynb #8ca21b29
 @patch
 async def generate(self:GenerationScheduler, prompt:str, # text in the model's vocabulary
@@ -347,6 +433,7 @@ class ModelVersion:
     def __init__(self, name, version, folder):
         self.name, self.version, self.folder = name, version, Path(folder)
         self.state, self.reason, self.predictor, self.runner, self.drift, self.kind = 'UNAVAILABLE', 'not loaded', None, None, None, None
+        self.worker = None  # its `ModelProcess`, when the repository runs models in processes of their own
 
     def info(self) -> dict: return {'name': self.name, 'version': self.version, 'state': self.state, 'reason': self.reason}
 
@@ -367,6 +454,7 @@ class ModelRepository:
                  threads:int|None=1, # ONNX Runtime intra-op threads per model
                  spin:bool=False, # ONNX Runtime threads busy-wait between runs (they compete with the event loop)
                  threaded:bool=False, # run image models in a worker thread instead of on the event loop
+                 process:bool=False, # run each image model in a process of its own (`ModelProcess`)
                  generation_batch_size:int=16, # streams decoded together (token models)
                  metrics:ServerMetrics|None=None, # where to count; a new registry by default
                  window:int=1000): # images the drift gauge looks back over
@@ -374,7 +462,7 @@ class ModelRepository:
         if not self.source.is_dir(): raise ValueError(f"{self.source}: no such folder; expected a package folder or a repository REPO/<name>/<version>/")
         self.single = _is_package(self.source)
         self.opts = dict(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue, threads=threads, spin=spin,
-                         threaded=threaded, generation_batch_size=generation_batch_size, window=window)
+                         threaded=threaded, process=process, generation_batch_size=generation_batch_size, window=window)
         self.metrics = metrics or ServerMetrics()
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='model')
         self.models = {}  # name -> {version: ModelVersion}
@@ -406,24 +494,35 @@ def _load_version(self:ModelRepository, mv:ModelVersion):
     else:
         pre = p.config['preprocessing']
         mv.drift = DriftMonitor(pre['mean'], pre['std'], pre.get('pixel_scale', 255.0), o['window'])
-        mv.runner = Batcher(self._image_fn(mv), o['max_batch_size'], o['max_delay_ms'], o['max_queue'],
-                            self.executor if o['threaded'] else None, self._on_batch(mv))
+        worker = None
+        if o['process']:
+            try: worker = ModelProcess(mv.folder, len(p.labels), o['threads'])
+            except RuntimeError as e:
+                mv.state, mv.reason, mv.predictor = 'UNAVAILABLE', str(e), None
+                m.child(m.loaded, mv.name, mv.version).set(0); return mv
+        mv.worker = worker
+        mv.runner = Batcher(self._image_fn(mv, worker), o['max_batch_size'], o['max_delay_ms'], o['max_queue'],
+                            self.executor if o['threaded'] and worker is None else None, self._on_batch(mv),
+                            on_close=worker.close if worker is not None else None)
     mv.state, mv.reason = 'READY', ''
     m.child(m.loaded, mv.name, mv.version).set(1)
     return mv
 
 @patch
-def _image_fn(self:ModelRepository, mv:ModelVersion):
-    "The batch function of an image classifier: predict, then count labels and update the drift gauge."
+def _image_fn(self:ModelRepository, mv:ModelVersion, worker:ModelProcess|None=None):
+    "The batch function of an image classifier: predict (here, or in `worker`'s process), then count labels and update the drift gauge."
     p, m, lab = mv.predictor, self.metrics, (mv.name, mv.version)
     names, drift_gauge = [str(l) for l in p.labels], m.child(m.drift, *lab)
-    def fn(x):
-        pred = p.predict(x, batch_size=1 << 30); probs, labels = pred.probs, pred.labels
-        for i, c in enumerate(np.bincount(labels, minlength=len(names)).tolist()):
+    def observe(x, out):
+        for i, c in enumerate(np.bincount(out['labels'], minlength=len(names)).tolist()):
             if c: m.child(m.predictions, *lab, names[i]).inc(c)
         drift_gauge.set(mv.drift.update(x))
-        return {'probabilities': probs, 'labels': labels}
-    return fn
+        return out
+    def fn(x):
+        pred = p.predict(x, batch_size=1 << 30)
+        return observe(x, {'probabilities': pred.probs, 'labels': pred.labels})
+    async def in_process(x): return observe(x, await worker(x))
+    return fn if worker is None else in_process
 
 @patch
 def _on_batch(self:ModelRepository, mv:ModelVersion):
@@ -446,7 +545,7 @@ def load(self:ModelRepository, name:str=None) -> list: # a model's name; None: e
         old = self.models.get(n, {})
         self.models[n] = {v: self._load_version(ModelVersion(n, v, f)) for v, f in on_disk[n].items()}
         for v, mv in old.items():
-            if mv.runner is not None: mv.runner.closing = True
+            if mv.runner is not None: mv.runner.retire()
             if v not in self.models[n]: self.metrics.child(self.metrics.loaded, n, v).set(0)
         out += [mv.info() for mv in self.models[n].values()]
     return out
@@ -456,7 +555,7 @@ def unload(self:ModelRepository, name:str) -> list:
     "Stop serving every version of a model (requests already queued still get their answers)."
     if name not in self.models: raise InferError(404, f"model {name!r} is not loaded: loaded are {sorted(self.models)}")
     for mv in self.models[name].values():
-        if mv.runner is not None: mv.runner.closing = True
+        if mv.runner is not None: mv.runner.retire()
         mv.state, mv.reason, mv.predictor = 'UNAVAILABLE', 'unloaded', None
         self.metrics.child(self.metrics.loaded, name, mv.version).set(0)
     return [mv.info() for mv in self.models[name].values()]
@@ -507,6 +606,11 @@ MAX_GENERATE_TOKENS = 1024  # the most tokens one generate request may ask for
 log = logging.getLogger('bigmodel_nb.serve')  # one JSON line per request at INFO
 
 def _body_doc(schema): return {'requestBody': {'required': True, 'content': {'application/json': {'schema': schema}}}}
+
+def _path_doc(version:bool) -> dict:
+    "The path parameters' OpenAPI entries, for handlers that read `request.path_params` themselves (FastAPI's per-request parameter solving costs more than the rest of a no-op request's routing)."
+    names = ['name', 'version'] if version else ['name']
+    return {'parameters': [{'name': n, 'in': 'path', 'required': True, 'schema': {'type': 'string'}} for n in names]}
 
 def _json(obj, status:int=200, headers=None) -> Response:
     return Response(orjson.dumps(obj), status, headers=headers, media_type='application/json')
@@ -600,8 +704,9 @@ def _add_health_routes(app:FastAPI, repo:ModelRepository):
 def _add_infer_routes(app:FastAPI, repo:ModelRepository, max_body_bytes:int):
     "`POST .../infer`: image batches through the batcher, token batches straight to the model."
     m, loop_run = repo.metrics, asyncio.get_running_loop
-    async def infer(request:Request, name:str, version:str|None=None):
+    async def infer(request:Request):
         t0, status, mv, items = time.perf_counter(), 500, None, 0
+        name, version = request.path_params['name'], request.path_params.get('version')
         try:
             mv = repo.get(name, version)
             inputs, wanted, binary, rid = parse_infer_request(await _read_body(request, max_body_bytes), _header_length(request))
@@ -622,8 +727,8 @@ def _add_infer_routes(app:FastAPI, repo:ModelRepository, max_body_bytes:int):
             m.child(m.requests, mn, v, 'infer', str(status)).inc(); m.child(m.latency, mn, v, 'infer').observe(dt)
             _log_request(model=mn, version=v, endpoint='infer', status=status, seconds=round(dt, 6), items=items)
     doc = _body_doc(INFER_REQUEST_SCHEMA)
-    app.post('/v2/models/{name}/infer', openapi_extra=doc)(infer)
-    app.post('/v2/models/{name}/versions/{version}/infer', openapi_extra=doc)(infer)
+    app.post('/v2/models/{name}/infer', openapi_extra=doc | _path_doc(False))(infer)
+    app.post('/v2/models/{name}/versions/{version}/infer', openapi_extra=doc | _path_doc(True))(infer)
 
 # %% ../nbs/09_serving.ipynb #953104fe
 def _generation_request(mv:ModelVersion, body:bytes) -> tuple:
