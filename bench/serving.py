@@ -15,7 +15,15 @@ Then, for concurrency 1, 8, 32 and 64, `BENCH_REQUESTS` (10,000) requests of one
 References in the same run: the in-process `Predictor` at batch 1 and at 32 and 64 (ms per image), from which the bound on
 what batching can win follows: off, a request costs h + m1 (HTTP + the model alone); on, at best h + m32 (32
 requests in flight fill at most a batch of 32); the bound is (h + m1) / (h + m32), with h = 1 / floor throughput at c=32.
-The choices (model on the event loop or in a thread; ONNX Runtime threads; spinning) are measured at concurrency 32.
+The choices (model on the event loop, in a thread, or in a process of its own; ONNX Runtime threads; spinning) are
+measured at concurrency 32.
+The goal's figure comes from its own interleaved rounds, because this machine's speed drifts by a third from one
+minute to the next: `GOAL_ROUNDS` rounds of `GOAL_REQUESTS` requests at concurrency 32, each round running the floor
+and then the servers back to back, and the median of the per-round ratios server / floor. The server the goal is
+measured on is declared here, before the run: `GOAL_SERVER`, the model in a process of its own (`ModelProcess`; the
+event loop never waits on the model nor on the GIL) with batches of at most 16 images, so that at concurrency 32 one
+batch is in the model while the next one forms. The model on the event loop (the default) is measured in the same
+rounds, for reference.
 Generation (`--generation-only` reruns it alone, keeping the image part of the results): 16 concurrent streams of
 32 tokens each on the concepts chapter's TransformerLM (0.8M parameters, untrained), packaged with its key/value-cache
 decoder (`save_package(..., decoder=True)`) and without it; the server in its own process, a stream load generator
@@ -32,6 +40,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 N_REQ = int(os.environ.get('BENCH_REQUESTS', 10000))
+GOAL_ROUNDS, GOAL_REQUESTS = 7, 4000
+GOAL_SERVER = dict(process=True, max_batch_size=16)
 
 
 # ---- the load generator and the minimal responder: no numpy, no torch, so they start in a blink ----
@@ -303,11 +313,38 @@ def main():
     serve_and_load('batching on', {**base, 'max_batch_size': 64}, [('/v2/noop/infer', 'floor (no-op)'), ('/v2/models/fashion/infer', 'batching on')])
     serve_and_load('batching off', {**base, 'max_batch_size': 1}, [('/v2/models/fashion/infer', 'batching off')])
     choices = []
-    for label, o in [('model in a worker thread', dict(threaded=True)), ('2 ORT threads, not spinning', dict(threads=2)),
-                     ('2 ORT threads, spinning', dict(threads=2, spin=True))]:
+    for label, o in [('model in a worker thread', dict(threaded=True)), ('model in a worker thread, batches <= 16', dict(threaded=True, max_batch_size=16)),
+                     ('2 ORT threads, not spinning', dict(threads=2)), ('2 ORT threads, spinning', dict(threads=2, spin=True)),
+                     ('model in its own process', dict(process=True)), ('model in its own process, batches <= 16', dict(process=True, max_batch_size=16))]:
         before = len(rows)
         serve_and_load(label, {**base, 'max_batch_size': 64, **o}, [('/v2/models/fashion/infer', label)], concs=(32,))
         choices += rows[before:]; del rows[before:]
+
+    # the goal: interleaved rounds of the floor, the model on the event loop, and GOAL_SERVER
+    servers = {'model on the event loop': {**base, 'max_batch_size': 64}, 'model in its own process, batches <= 16': {**base, **GOAL_SERVER}}
+    procs, ports = [], {}
+    try:
+        for label, opts in servers.items():
+            port = free_port(); procs.append(start(['--server', str(repo), str(port), json.dumps(opts)], port, f'http://127.0.0.1:{port}/v2/health/ready'))
+            ports[label] = port
+        floor_port = ports['model on the event loop']
+        rounds = {(label, t): [] for label in servers for t in ('JSON', 'binary')}
+        for binary in (False, True):
+            for label in servers: run_load(ports[label], reqfiles['/v2/models/fashion/infer', binary], 32, 500)  # warm-up
+        for i in range(GOAL_ROUNDS):
+            for binary, t in ((False, 'JSON'), (True, 'binary')):
+                floor = run_load(floor_port, reqfiles['/v2/noop/infer', binary], 32, GOAL_REQUESTS)
+                for label in servers:
+                    r = run_load(ports[label], reqfiles['/v2/models/fashion/infer', binary], 32, GOAL_REQUESTS)
+                    rounds[label, t].append({'ratio': r['rps'] / floor['rps'], 'floor': floor['rps'], 'rps': r['rps'], 'errors': r['errors'] + floor['errors']})
+            print(f"goal round {i + 1}: " + ', '.join(f"{l} {t} {v[-1]['ratio']:.3f}" for (l, t), v in rounds.items()), flush=True)
+    finally:
+        for proc in procs: stop(proc)
+    med = lambda v, k: float(np.median([r[k] for r in v]))
+    goal_rows = [{'server': label, 'tensors': t, 'rounds': len(v), 'floor_rps': med(v, 'floor'), 'rps': med(v, 'rps'), 'ratio': med(v, 'ratio'),
+                  'low': min(r['ratio'] for r in v), 'high': max(r['ratio'] for r in v), 'errors': sum(r['errors'] for r in v)}
+                 for (label, t), v in rounds.items()]
+    goal_ratio = {r['tensors']: r['ratio'] for r in goal_rows if r['server'] != 'model on the event loop'}
 
     # goals
     get = lambda s, t, c: next(r for r in rows if r['server'] == s and r['tensors'] == t and r['concurrency'] == c)
@@ -317,7 +354,7 @@ def main():
         h = 1e3 / get('floor (no-op)', t, 32)['rps']  # ms per request
         bound[t] = (h + model_ms[1]) / (h + model_ms[32])  # at concurrency 32 a batch holds at most 32 requests
         achieved[t] = get('batching on', t, 32)['rps'] / get('batching off', t, 32)['rps']
-    errors = sum(r['errors'] for r in rows + choices)
+    errors = sum(r['errors'] for r in rows + choices + goal_rows)
     ms = lambda v: f'{v:.2f}'
     cols = ['server', 'tensors', 'concurrency', 'requests', 'rps', 'p50_ms', 'p95_ms', 'p99_ms', 'errors']
     hdr = {'rps': 'requests/s', 'p50_ms': 'p50 (ms)', 'p95_ms': 'p95 (ms)', 'p99_ms': 'p99 (ms)'}
@@ -329,9 +366,16 @@ def main():
              f'In-process Predictor (1 thread), ms per image: batch 1 {model_ms[1]:.3f}, batch 32 {model_ms[32]:.3f}, batch 64 {model_ms[64]:.3f}.', '',
              '## Requests of one image each', '', markdown_table(rows, cols, hdr, fmt), '',
              '## Choices at concurrency 32 (batching on)', '', markdown_table(choices, cols, hdr, fmt), '',
+             f'## The goal at concurrency 32: {GOAL_ROUNDS} interleaved rounds of {GOAL_REQUESTS:,} requests', '',
+             'Each round runs the floor, then each server, back to back; the ratio is taken within the round, and the table gives '
+             'the median over rounds (with the lowest and highest ratio).', '',
+             markdown_table(goal_rows, ['server', 'tensors', 'rounds', 'floor_rps', 'rps', 'ratio', 'low', 'high', 'errors'],
+                            {'floor_rps': 'floor requests/s', 'rps': 'server requests/s', 'ratio': 'server / floor'},
+                            {'floor_rps': '.0f', 'rps': '.0f', 'ratio': '.3f', 'low': '.3f', 'high': '.3f'}), '',
              '## Goals at concurrency 32', '']
     for t in ('JSON', 'binary'):
-        lines.append(f'- {t}: server / floor = {ratio[t]:.3f} (goal >= 0.7); batching on/off = {achieved[t]:.3f}x of a bound '
+        lines.append(f'- {t}: server / floor = {goal_ratio[t]:.3f} with the model in its own process, batches <= 16, interleaved rounds (goal >= 0.7); '
+                     f'{ratio[t]:.3f} for the model on the event loop in the table above; batching on/off = {achieved[t]:.3f}x of a bound '
                      f'(h + m1)/(h + m32) = {bound[t]:.3f}x with h = {1e3 / get("floor (no-op)", t, 32)["rps"]:.3f} ms: {achieved[t] / bound[t]:.0%} of it (goal >= 80%)')
     lines += [f'- errors over all runs: {errors} (goal 0)', '']
     gen_lines, gen_figure = generation(tmp)
@@ -341,7 +385,7 @@ def main():
     print(gen_figure)
     for t in ('JSON', 'binary'): print(f"batching on/off {t}: {achieved[t]:.2f}x of bound {bound[t]:.2f}x = {achieved[t] / bound[t]:.0%}")
     print(f"errors: {errors}")
-    print(f"serving server/floor at c=32: {min(ratio.values()):.3f}")
+    print(f"serving server/floor at c=32: {min(goal_ratio.values()):.3f}")
 
 
 if __name__ == '__main__':

@@ -313,6 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument('--max-delay-ms', type=float, default=0., help='wait this long for a fuller batch (default: 0)')
     sv.add_argument('--max-queue', type=int, default=1024, help='queued images per model; more get 503 with Retry-After (default: 1024)')
     sv.add_argument('--workers', type=int, default=1, help='processes sharing the port (default: 1)')
+    sv.add_argument('--model-process', action='store_true', help='run each image model in a process of its own, beside the event loop (faster under concurrent load)')
     sv.set_defaults(run=_cmd_serve)
     ex = sub.add_parser('explain', parents=[common], help="an image's top-k labels from a package, and the Grad-CAM picture of why")
     ex.add_argument('package', help='an image-classifier package folder (verified before use)')
@@ -381,7 +382,7 @@ def _cmd_lm(a):
 def _cmd_serve(a):
     from bigmodel_nb.serve import serve_command
     return serve_command(a.source, host=a.host, port=a.port, max_batch_size=a.max_batch_size, max_delay_ms=a.max_delay_ms,
-                         max_queue=a.max_queue, workers=a.workers)
+                         max_queue=a.max_queue, workers=a.workers, model_process=a.model_process)
 
 # %% ../nbs/11_lifecycle.ipynb #7ba7a40e
 # the library's errors: `DataSourceError` is a `FileNotFoundError`, `deploy.PackageError` a `ValueError`

@@ -199,7 +199,7 @@ def retire(self:Batcher):
 def _close(self:Batcher):
     if self.on_close is not None: f, self.on_close = self.on_close, None; f()
 
-# %% ../nbs/09_serving.ipynb #70ad0073
+# %% ../nbs/09_serving.ipynb #07d2dd8b
 _PIXEL_DTYPES = {b'u': np.dtype(np.uint8), b'f': np.dtype(np.float32)}
 
 def _importable(f):
@@ -222,7 +222,7 @@ def _model_process_main(folder:str, threads:int, conn):
         except Exception as e: out = b'E' + f"{type(e).__name__}: {e}".encode()
         conn.send_bytes(out)
 
-# %% ../nbs/09_serving.ipynb #6a7040ae
+# %% ../nbs/09_serving.ipynb #9da3d331
 class ModelProcess:
     "An image package's `Predictor` in a process of its own; calling it with a batch returns a future of its outputs."
     def __init__(self, folder, # the package folder
@@ -1038,8 +1038,9 @@ def export_triton(package, # a package folder (checked with `verify_package` fir
     return Path(out)/name
 
 # %% ../nbs/09_serving.ipynb #82a7bf66
-def _serve_options(max_batch_size, max_delay_ms, max_queue, threads, generation_batch_size) -> dict:
-    return dict(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue, threads=threads, generation_batch_size=generation_batch_size)
+def _serve_options(max_batch_size, max_delay_ms, max_queue, threads, generation_batch_size, model_process) -> dict:
+    return dict(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue, threads=threads,
+                generation_batch_size=generation_batch_size, process=model_process)
 
 def app_from_env() -> FastAPI:
     "The app a `--workers` process builds, from the options `serve_command` left in `BIGMODEL_NB_SERVE`."
@@ -1056,12 +1057,13 @@ def serve_command(package_or_repo, # a package folder, or a repository REPO/<nam
                   threads:int=1, # ONNX Runtime threads per model
                   generation_batch_size:int=16, # streams decoded together (token models)
                   max_body_bytes:int=16 << 20, # larger requests get 413
+                  model_process:bool=False, # run each image model in a process of its own (`ModelProcess`)
                   log_requests:bool=True) -> int: # one JSON line per request on stderr
     "Serve until SIGTERM or Ctrl-C; requests in flight finish first. The exit status (0)."
     import uvicorn
     if log_requests and not log.handlers:
         h = logging.StreamHandler(sys.stderr); h.setFormatter(logging.Formatter('%(message)s')); log.addHandler(h); log.setLevel(logging.INFO)
-    opts = _serve_options(max_batch_size, max_delay_ms, max_queue, threads, generation_batch_size)
+    opts = _serve_options(max_batch_size, max_delay_ms, max_queue, threads, generation_batch_size, model_process)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))  # uvicorn re-raises the signal after its graceful shutdown: exit 0 then
     if workers > 1:
         os.environ['BIGMODEL_NB_SERVE'] = json.dumps({'source': str(package_or_repo), 'max_body_bytes': max_body_bytes, **opts})
