@@ -208,6 +208,23 @@ def test_repository_extension(repo, tmp_path):
         assert loaded == {'1': 1.0, '2': 0.0, '3': 1.0}
 
 
+def test_model_process_serves_and_is_stopped_on_reload_and_shutdown(repo, fashion, pred):
+    "process=True: the same labels as in-process; a reload stops the old model process, the server's shutdown the new one."
+    x = fashion[0]
+    app = create_app(repo/'fashion'/'1', process=True, max_batch_size=8)
+    r = app.state.repo; old = r.models['fashion']['1'].worker
+    assert old.process.is_alive() and old.process.pid != os.getpid()
+    with ServerThread(app) as url:
+        c = V2Client(url)
+        assert c.infer('fashion', x[:20], outputs=('labels',))['labels'].tolist() == pred(x[:20]).labels.tolist()
+        assert httpx.post(f"{url}/v2/repository/models/fashion/load", timeout=60).status_code == 200
+        new = r.models['fashion']['1'].worker
+        assert new is not old and new.process.is_alive()
+        assert c.infer('fashion', x[20:30], outputs=('labels',))['labels'].tolist() == pred(x[20:30]).labels.tolist()
+        old.process.join(10); assert not old.process.is_alive()
+    assert not new.process.is_alive()
+
+
 def test_single_package_folder(repo):
     r = ModelRepository(repo/'fashion'/'1'); r.load()
     assert [(i['name'], i['version'], i['state']) for i in r.index()] == [('fashion', '1', 'READY')]
