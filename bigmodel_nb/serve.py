@@ -234,8 +234,11 @@ class ModelProcess:
         self.process = ctx.Process(target=_importable(_model_process_main), args=(str(folder), threads, child), daemon=True, name=f'model {Path(folder).name}')
         self.process.start(); child.close()
         self.n_labels, self._pending = n_labels, None
-        ok = self.conn.poll(timeout)
-        msg = self.conn.recv_bytes() if ok else b'E' + f"no answer in {timeout} s".encode()
+        try: msg = self.conn.recv_bytes() if self.conn.poll(timeout) else b'E' + f"no answer in {timeout} s".encode()
+        except EOFError:  # it died before it could answer
+            self.process.join(5)
+            msg = b'E' + (f"it exited with status {self.process.exitcode} while starting (a script that serves with process=True "
+                          "needs `if __name__ == '__main__':` around its entry point: a spawned process imports the script again)").encode()
         if msg != b'R': self.close(); raise RuntimeError(f"the model process could not load {folder}: {msg[1:].decode()}")
 
     def __call__(self, x:np.ndarray) -> asyncio.Future:

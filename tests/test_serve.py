@@ -1,5 +1,5 @@
 "Tests of `bigmodel_nb.serve`: the Open Inference Protocol against tritonclient, bad input (never a 5xx, fuzzed), batching, the repository, generation, metrics, Triton export, graceful shutdown, the lifecycle step."
-import concurrent.futures, json, logging, os, shutil, signal, time
+import concurrent.futures, json, logging, os, shutil, signal, subprocess, sys, time
 
 import httpx
 import numpy as np
@@ -223,6 +223,14 @@ def test_model_process_serves_and_is_stopped_on_reload_and_shutdown(repo, fashio
         assert c.infer('fashion', x[20:30], outputs=('labels',))['labels'].tolist() == pred(x[20:30]).labels.tolist()
         old.process.join(10); assert not old.process.is_alive()
     assert not new.process.is_alive()
+
+
+def test_model_process_in_an_unguarded_script_is_a_clear_error(repo, tmp_path):
+    "A script without a main guard: the spawned model process imports it again and dies; the error says what to add."
+    script = tmp_path/'unguarded.py'
+    script.write_text(f"from bigmodel_nb.serve import ModelProcess\nModelProcess({str(repo/'fashion'/'1')!r}, 10)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "needs `if __name__ == '__main__':`" in out.stderr, out.stderr[-2000:]
 
 
 def test_single_package_folder(repo):
