@@ -23,7 +23,7 @@ and then the servers back to back, and the median of the per-round ratios server
 measured on is declared here, before the run: `GOAL_SERVER`, the model in a process of its own (`ModelProcess`; the
 event loop never waits on the model nor on the GIL) with batches of at most 16 images, so that at concurrency 32 one
 batch is in the model while the next one forms. The model on the event loop (the default) is measured in the same
-rounds, for reference.
+rounds, for reference. `--goal-only` reruns these rounds alone and adds them to the results, under the first run's.
 Generation (`--generation-only` reruns it alone, keeping the image part of the results): 16 concurrent streams of
 32 tokens each on the concepts chapter's TransformerLM (0.8M parameters, untrained), packaged with its key/value-cache
 decoder (`save_package(..., decoder=True)`) and without it; the server in its own process, a stream load generator
@@ -263,16 +263,11 @@ def generation_only():
     print(figure)
 
 
-def main():
-    import numpy as np, torch
-    from _results import write_results
-    from bigmodel_nb.concepts import machine_info, markdown_table, time_calls, free_port
+def image_setup(tmp):
+    "The CNN packaged in a repository under `tmp`, and the request files (64 test images, one per request): `(ds, cnn, full, repo, reqfiles)`."
     from bigmodel_nb.data import channel_stats, load_fashion_mnist, normalize
-    from bigmodel_nb.deploy import save_package, image_config, load_package
+    from bigmodel_nb.deploy import save_package, image_config
     from bigmodel_nb.cnn import get_trained_cnn, cnn_path
-    torch.set_num_threads(1)
-    info = machine_info(); print(info, flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix='bench-serving-'))
     ds = load_fashion_mnist(verbose=False); mean, std = channel_stats(ds.x_train)
     full = cnn_path(False).is_file()
     cnn = get_trained_cnn(quick=not full, verbose=False)
@@ -285,6 +280,76 @@ def main():
         for binary in (False, True):
             f = tmp/f"req-{len(reqfiles)}.pkl"; f.write_bytes(pickle.dumps([request_bytes(path, x[i:i + 1], binary) for i in range(64)]))
             reqfiles[path, binary] = f
+    return ds, cnn, full, repo, reqfiles
+
+
+BASE_SERVER = dict(threads=1, spin=False, threaded=False, max_queue=4096)
+GOAL_SERVERS = {'model on the event loop': {**BASE_SERVER, 'max_batch_size': 64}, 'model in its own process, batches <= 16': {**BASE_SERVER, **GOAL_SERVER}}
+
+
+def goal_rounds(repo, reqfiles):
+    "The goal's interleaved rounds at concurrency 32: `(rows, lines)`, one row per server and tensor type (median ratio over rounds)."
+    import numpy as np
+    from bigmodel_nb.concepts import markdown_table, free_port
+    procs, ports = [], {}
+    try:
+        for label, opts in GOAL_SERVERS.items():
+            port = free_port(); procs.append(start(['--server', str(repo), str(port), json.dumps(opts)], port, f'http://127.0.0.1:{port}/v2/health/ready'))
+            ports[label] = port
+        floor_port = ports['model on the event loop']
+        rounds = {(label, t): [] for label in GOAL_SERVERS for t in ('JSON', 'binary')}
+        for binary in (False, True):
+            for label in GOAL_SERVERS: run_load(ports[label], reqfiles['/v2/models/fashion/infer', binary], 32, 500)  # warm-up
+        for i in range(GOAL_ROUNDS):
+            for binary, t in ((False, 'JSON'), (True, 'binary')):
+                floor = run_load(floor_port, reqfiles['/v2/noop/infer', binary], 32, GOAL_REQUESTS)
+                for label in GOAL_SERVERS:
+                    r = run_load(ports[label], reqfiles['/v2/models/fashion/infer', binary], 32, GOAL_REQUESTS)
+                    rounds[label, t].append({'ratio': r['rps'] / floor['rps'], 'floor': floor['rps'], 'rps': r['rps'], 'errors': r['errors'] + floor['errors']})
+            print(f"goal round {i + 1}: " + ', '.join(f"{l} {t} {v[-1]['ratio']:.3f}" for (l, t), v in rounds.items()), flush=True)
+    finally:
+        for proc in procs: stop(proc)
+    med = lambda v, k: float(np.median([r[k] for r in v]))
+    rows = [{'server': label, 'tensors': t, 'rounds': len(v), 'floor_rps': med(v, 'floor'), 'rps': med(v, 'rps'), 'ratio': med(v, 'ratio'),
+             'low': min(r['ratio'] for r in v), 'high': max(r['ratio'] for r in v), 'errors': sum(r['errors'] for r in v)}
+            for (label, t), v in rounds.items()]
+    lines = ['Each round runs the floor, then each server, back to back; the ratio is taken within the round, and the table gives '
+             'the median over rounds (with the lowest and highest ratio).', '',
+             markdown_table(rows, ['server', 'tensors', 'rounds', 'floor_rps', 'rps', 'ratio', 'low', 'high', 'errors'],
+                            {'floor_rps': 'floor requests/s', 'rps': 'server requests/s', 'ratio': 'server / floor'},
+                            {'floor_rps': '.0f', 'rps': '.0f', 'ratio': '.3f', 'low': '.3f', 'high': '.3f'}), '']
+    return rows, lines
+
+
+def goal_only():
+    "Rerun the goal's interleaved rounds alone; the run is added to bench/results/serving.md under the first one."
+    import torch
+    from _results import write_results, RESULTS
+    from bigmodel_nb.concepts import machine_info
+    torch.set_num_threads(1)
+    info = machine_info(); print(info, flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix='bench-serving-'))
+    _, _, _, repo, reqfiles = image_setup(tmp)
+    rows, lines = goal_rounds(repo, reqfiles)
+    old = (RESULTS/'serving.md').read_text().split('\n', 2)[2]
+    k = old.index('## Goals at concurrency 32')
+    ratio = min(r['ratio'] for r in rows if r['server'] != 'model on the event loop')
+    extra = [f'### Rerun alone ({time.strftime("%Y-%m-%d %H:%M")}, `--goal-only`, {info})', '', *lines,
+             f'In this rerun, server / floor with the model in its own process, batches <= 16: {ratio:.3f} (the lower of JSON and binary).', '', '']
+    write_results('serving', 'Model server under load', old[:k] + '\n'.join(extra) + old[k:])
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"serving server/floor at c=32 (goal rounds alone): {ratio:.3f}")
+
+
+def main():
+    import numpy as np, torch
+    from _results import write_results
+    from bigmodel_nb.concepts import machine_info, markdown_table, time_calls, free_port
+    from bigmodel_nb.deploy import load_package
+    torch.set_num_threads(1)
+    info = machine_info(); print(info, flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix='bench-serving-'))
+    ds, cnn, full, repo, reqfiles = image_setup(tmp)
     # the in-process model costs, as the server runs it (1 ONNX Runtime thread, not spinning)
     p = load_package(repo/'fashion'/'1', threads=1, spin=False)
     model_ms = {b: float(np.median(time_calls(lambda: p(ds.x_test[:b].numpy()), 300 if b == 1 else 60, 20))) / b * 1e3 for b in (1, 32, 64)}
@@ -309,7 +374,7 @@ def main():
                         rows.append({'server': name if name else label, 'tensors': 'binary' if binary else 'JSON', 'concurrency': c, **r})
                         print(rows[-1], flush=True)
         finally: stop(proc)
-    base = dict(threads=1, spin=False, threaded=False, max_queue=4096)
+    base = BASE_SERVER
     serve_and_load('batching on', {**base, 'max_batch_size': 64}, [('/v2/noop/infer', 'floor (no-op)'), ('/v2/models/fashion/infer', 'batching on')])
     serve_and_load('batching off', {**base, 'max_batch_size': 1}, [('/v2/models/fashion/infer', 'batching off')])
     choices = []
@@ -321,29 +386,7 @@ def main():
         choices += rows[before:]; del rows[before:]
 
     # the goal: interleaved rounds of the floor, the model on the event loop, and GOAL_SERVER
-    servers = {'model on the event loop': {**base, 'max_batch_size': 64}, 'model in its own process, batches <= 16': {**base, **GOAL_SERVER}}
-    procs, ports = [], {}
-    try:
-        for label, opts in servers.items():
-            port = free_port(); procs.append(start(['--server', str(repo), str(port), json.dumps(opts)], port, f'http://127.0.0.1:{port}/v2/health/ready'))
-            ports[label] = port
-        floor_port = ports['model on the event loop']
-        rounds = {(label, t): [] for label in servers for t in ('JSON', 'binary')}
-        for binary in (False, True):
-            for label in servers: run_load(ports[label], reqfiles['/v2/models/fashion/infer', binary], 32, 500)  # warm-up
-        for i in range(GOAL_ROUNDS):
-            for binary, t in ((False, 'JSON'), (True, 'binary')):
-                floor = run_load(floor_port, reqfiles['/v2/noop/infer', binary], 32, GOAL_REQUESTS)
-                for label in servers:
-                    r = run_load(ports[label], reqfiles['/v2/models/fashion/infer', binary], 32, GOAL_REQUESTS)
-                    rounds[label, t].append({'ratio': r['rps'] / floor['rps'], 'floor': floor['rps'], 'rps': r['rps'], 'errors': r['errors'] + floor['errors']})
-            print(f"goal round {i + 1}: " + ', '.join(f"{l} {t} {v[-1]['ratio']:.3f}" for (l, t), v in rounds.items()), flush=True)
-    finally:
-        for proc in procs: stop(proc)
-    med = lambda v, k: float(np.median([r[k] for r in v]))
-    goal_rows = [{'server': label, 'tensors': t, 'rounds': len(v), 'floor_rps': med(v, 'floor'), 'rps': med(v, 'rps'), 'ratio': med(v, 'ratio'),
-                  'low': min(r['ratio'] for r in v), 'high': max(r['ratio'] for r in v), 'errors': sum(r['errors'] for r in v)}
-                 for (label, t), v in rounds.items()]
+    goal_rows, goal_lines = goal_rounds(repo, reqfiles)
     goal_ratio = {r['tensors']: r['ratio'] for r in goal_rows if r['server'] != 'model on the event loop'}
 
     # goals
@@ -366,12 +409,7 @@ def main():
              f'In-process Predictor (1 thread), ms per image: batch 1 {model_ms[1]:.3f}, batch 32 {model_ms[32]:.3f}, batch 64 {model_ms[64]:.3f}.', '',
              '## Requests of one image each', '', markdown_table(rows, cols, hdr, fmt), '',
              '## Choices at concurrency 32 (batching on)', '', markdown_table(choices, cols, hdr, fmt), '',
-             f'## The goal at concurrency 32: {GOAL_ROUNDS} interleaved rounds of {GOAL_REQUESTS:,} requests', '',
-             'Each round runs the floor, then each server, back to back; the ratio is taken within the round, and the table gives '
-             'the median over rounds (with the lowest and highest ratio).', '',
-             markdown_table(goal_rows, ['server', 'tensors', 'rounds', 'floor_rps', 'rps', 'ratio', 'low', 'high', 'errors'],
-                            {'floor_rps': 'floor requests/s', 'rps': 'server requests/s', 'ratio': 'server / floor'},
-                            {'floor_rps': '.0f', 'rps': '.0f', 'ratio': '.3f', 'low': '.3f', 'high': '.3f'}), '',
+             f'## The goal at concurrency 32: {GOAL_ROUNDS} interleaved rounds of {GOAL_REQUESTS:,} requests', '', *goal_lines,
              '## Goals at concurrency 32', '']
     for t in ('JSON', 'binary'):
         lines.append(f'- {t}: server / floor = {goal_ratio[t]:.3f} with the model in its own process, batches <= 16, interleaved rounds (goal >= 0.7); '
@@ -395,4 +433,5 @@ if __name__ == '__main__':
     elif sys.argv[1:2] == ['--genload']: genload(*sys.argv[2:6])
     elif sys.argv[1:2] == ['--sse-echo']: sse_echo(*sys.argv[2:4])
     elif sys.argv[1:2] == ['--generation-only']: generation_only()
+    elif sys.argv[1:2] == ['--goal-only']: goal_only()
     else: sys.exit(main())
