@@ -192,8 +192,10 @@ async def drain(self:Batcher):
 def retire(self:Batcher):
     "Take no new requests; the queued ones still get their answers, then `on_close` runs. Safe from any thread."
     self.closing = True
-    if self._task is None: self._close()
-    elif not self._task.done(): self._loop.call_soon_threadsafe(self._wake.set)
+    if self._task is None or self._task.done(): self._close()
+    else:
+        try: self._loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError: self._close()  # its event loop is closed: nothing will run the queue again
 
 @patch
 def _close(self:Batcher):
