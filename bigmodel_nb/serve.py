@@ -526,7 +526,14 @@ def _image_fn(self:ModelRepository, mv:ModelVersion, worker:ModelProcess|None=No
     def fn(x):
         pred = p.predict(x, batch_size=1 << 30)
         return observe(x, {'probabilities': pred.probs, 'labels': pred.labels})
-    async def in_process(x): return observe(x, await worker(x))
+    async def in_process(x):
+        try: out = await worker(x)
+        except RuntimeError as e:
+            if worker.process.is_alive(): raise
+            if mv.state == 'READY':  # the process died: not ready until loaded again (readiness says so to an orchestrator)
+                mv.state, mv.reason = 'UNAVAILABLE', str(e); m.child(m.loaded, *lab).set(0); mv.runner.retire()
+            raise InferError(503, f"{e} (POST /v2/repository/models/{mv.name}/load)") from None
+        return observe(x, out)
     return fn if worker is None else in_process
 
 @patch

@@ -225,6 +225,21 @@ def test_model_process_serves_and_is_stopped_on_reload_and_shutdown(repo, fashio
     assert not new.process.is_alive()
 
 
+def test_model_process_death_makes_the_model_unavailable_until_reloaded(repo, fashion, pred):
+    "A killed model process: the next request is a 503 that says so, readiness turns false, and a load brings it back."
+    x = fashion[0]
+    app = create_app(repo/'fashion'/'1', process=True)
+    with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        worker = app.state.repo.models['fashion']['1'].worker
+        worker.process.kill(); worker.process.join()
+        r = c.post('/v2/models/fashion/infer', content=orjson.dumps({'inputs': [{**GOOD, 'data': x[0].ravel().tolist()}]}))
+        assert r.status_code == 503 and 'model process exited' in r.json()['error'], r.text
+        assert c.get('/v2/models/fashion/ready').status_code == 400
+        assert metric_samples(c.get('/metrics').text, 'bigmodel_model_loaded', model='fashion')[0][1] == 0.0
+        assert c.post('/v2/repository/models/fashion/load').status_code == 200 and c.get('/v2/models/fashion/ready').status_code == 200
+        assert V2Client(url).infer('fashion', x[:8], outputs=('labels',))['labels'].tolist() == pred(x[:8]).labels.tolist()
+
+
 def test_model_process_in_an_unguarded_script_is_a_clear_error(repo, tmp_path):
     "A script without a main guard: the spawned model process imports it again and dies; the error says what to add."
     script = tmp_path/'unguarded.py'
