@@ -620,7 +620,7 @@ log = logging.getLogger('bigmodel_nb.serve')  # one JSON line per request at INF
 def _body_doc(schema): return {'requestBody': {'required': True, 'content': {'application/json': {'schema': schema}}}}
 
 def _path_doc(version:bool) -> dict:
-    "The path parameters' OpenAPI entries, for handlers that read `request.path_params` themselves (FastAPI's per-request parameter solving costs more than the rest of a no-op request's routing)."
+    "The path parameters' OpenAPI entries, for handlers that read `request.path_params` themselves instead of having FastAPI solve them on every request."
     names = ['name', 'version'] if version else ['name']
     return {'parameters': [{'name': n, 'in': 'path', 'required': True, 'schema': {'type': 'string'}} for n in names]}
 
