@@ -335,7 +335,8 @@ class _Stream:
     "One generation: its tokens so far, what is left to generate, and the queue its tokens go to."
     def __init__(self, ids, max_tokens, temperature, seed):
         self.ids, self.left, self.temperature = list(ids), max_tokens, temperature
-        self.rng, self.out, self.t0, self.first, self.cancelled = np.random.default_rng(seed), asyncio.Queue(), time.perf_counter(), None, False
+        self.rng = np.random.default_rng(seed) if temperature > 0 else None  # greedy needs none (an unseeded one costs OS entropy)
+        self.out, self.t0, self.first, self.cancelled = asyncio.Queue(), time.perf_counter(), None, False
 
 class GenerationScheduler:
     "Continuous batching for a `TokenPredictor`: each step decodes one token for every active stream (with its `decoder.onnx`'s key/value cache when the package has one)."
@@ -408,6 +409,7 @@ async def _run(self:GenerationScheduler):
         if self.kv is not None: self.kv.remove([i for i, k in enumerate(keep) if not k])
         self.active = [s for s, k in zip(self.active, keep) if k]
         if self.on_step is not None: self.on_step(n, firsts)
+        if self.executor is None: await asyncio.sleep(0)  # the model ran on the loop: let its tokens go out and new requests in
 
 @patch
 async def drain(self:GenerationScheduler):
