@@ -313,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument('--max-delay-ms', type=float, default=0., help='wait this long for a fuller batch (default: 0)')
     sv.add_argument('--max-queue', type=int, default=1024, help='queued images per model; more get 503 with Retry-After (default: 1024)')
     sv.add_argument('--workers', type=int, default=1, help='processes sharing the port (default: 1)')
-    sv.add_argument('--model-process', action='store_true', help='run each image model in a process of its own, beside the event loop (faster under concurrent load)')
+    sv.add_argument('--model-process', action='store_true', help='run each model in a process of its own, beside the event loop (faster under concurrent load)')
     sv.set_defaults(run=_cmd_serve)
     ex = sub.add_parser('explain', parents=[common], help="an image's top-k labels from a package, and the Grad-CAM picture of why")
     ex.add_argument('package', help='an image-classifier package folder (verified before use)')

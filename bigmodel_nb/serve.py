@@ -18,15 +18,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastcore.basics import patch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
-from .deploy import load_package, verify_package, serving_graph, Predictor, TokenPredictor
+from .deploy import load_package, verify_package, serving_graph, Predictor, TokenPredictor, KVBatch
 
 # %% auto #0
 __all__ = ['V2_DATATYPES', 'LATENCY_BUCKETS', 'INFER_REQUEST_SCHEMA', 'GENERATE_REQUEST_SCHEMA', 'MAX_GENERATE_TOKENS', 'log',
            'InferError', 'decode_tensor', 'parse_infer_request', 'infer_response', 'Batcher', 'ModelProcess',
-           'DriftMonitor', 'ServerMetrics', 'sample_next', 'GenerationScheduler', 'ModelVersion', 'ModelRepository',
-           'create_app', 'ServerThread', 'V2Client', 'metric_samples', 'histogram_from_metrics', 'plot_serving',
-           'measure_generation', 'triton_config', 'check_triton_config', 'export_triton', 'app_from_env',
-           'serve_command', 'serve_process', 'step_serve']
+           'DriftMonitor', 'ServerMetrics', 'sample_next', 'WindowBatch', 'token_batch', 'next_logits',
+           'GenerationScheduler', 'ModelVersion', 'ModelRepository', 'create_app', 'ServerThread', 'V2Client',
+           'metric_samples', 'histogram_from_metrics', 'plot_serving', 'measure_generation', 'triton_config',
+           'check_triton_config', 'export_triton', 'app_from_env', 'serve_command', 'serve_process', 'step_serve']
 
 # %% ../nbs/09_serving.ipynb #beed22fc
 V2_DATATYPES = {'BOOL': np.bool_, 'UINT8': np.uint8, 'UINT16': np.uint16, 'UINT32': np.uint32, 'UINT64': np.uint64,
@@ -121,8 +121,17 @@ def infer_response(model:str, # model name
     if not blobs: return head, {'content-type': 'application/json'}
     return b''.join([head, *blobs]), {'content-type': 'application/octet-stream', 'inference-header-content-length': str(len(head))}
 
+# %% ../nbs/09_serving.ipynb #96de59ff
+class _QueueTask:
+    "What `Batcher` and `GenerationScheduler` share: a queue served by one asyncio task (`_run`); drained or retired, then `on_close` runs once."
+    closing, on_close, _task, _loop, _wake = False, None, None, None, None
+
+    def _start(self):
+        "Start the task that serves the queue, on the running event loop (at the first request)."
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event(); self._task = self._loop.create_task(self._run())
+
 # %% ../nbs/09_serving.ipynb #b96d881b
-class Batcher:
+class Batcher(_QueueTask):
     "Fuse queued requests into model calls of at most `max_batch_size` items; split the outputs back."
     def __init__(self, fn, # batch -> dict of output arrays, each with the batch's first axis
                  max_batch_size:int=64, # items (images) per model call at most
@@ -134,15 +143,14 @@ class Batcher:
         if max_batch_size < 1: raise ValueError(f"max_batch_size={max_batch_size}: expected at least 1")
         self.fn, self.max_batch_size, self.max_delay, self.max_queue = fn, max_batch_size, max_delay_ms / 1000, max_queue
         self.executor, self.on_batch, self.on_close = executor, on_batch, on_close
-        self.queue, self.queued, self._task, self._wake, self._loop, self.closing = collections.deque(), 0, None, None, None, False
+        self.queue, self.queued = collections.deque(), 0
 
     async def submit(self, x:np.ndarray) -> dict:
         "Queue one request (its first axis is its items) and wait for its outputs."
         if self.closing: raise InferError(400, "this model is being unloaded; load it again with the repository's load")
         if self.queued + len(x) > self.max_queue:
             raise InferError(503, f"the queue is full ({self.queued} items queued, at most {self.max_queue}): retry after a moment")
-        if self._task is None:
-            self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event(); self._task = self._loop.create_task(self._run())
+        if self._task is None: self._start()
         fut = asyncio.get_running_loop().create_future()
         self.queue.append((x, fut, time.perf_counter())); self.queued += len(x); self._wake.set()
         return await fut
@@ -182,14 +190,14 @@ async def _run(self:Batcher):
 
 # %% ../nbs/09_serving.ipynb #d78a67bf
 @patch
-async def drain(self:Batcher):
-    "Stop taking requests; return once every queued one has its answer."
+async def drain(self:_QueueTask):
+    "Stop taking requests; return once every queued one has its answer (then `on_close` runs)."
     self.closing = True
     if self._task is None: self._close()
     else: self._wake.set(); await self._task
 
 @patch
-def retire(self:Batcher):
+def retire(self:_QueueTask):
     "Take no new requests; the queued ones still get their answers, then `on_close` runs. Safe from any thread."
     self.closing = True
     if self._task is None or self._task.done(): self._close()
@@ -198,7 +206,7 @@ def retire(self:Batcher):
         except RuntimeError: self._close()  # its event loop is closed: nothing will run the queue again
 
 @patch
-def _close(self:Batcher):
+def _close(self:_QueueTask):
     if self.on_close is not None: f, self.on_close = self.on_close, None; f()
 
 # %% ../nbs/09_serving.ipynb #07d2dd8b
@@ -208,34 +216,40 @@ def _importable(f):
     "`f` as a spawned process can import it: run in a notebook, `f` lives in `__main__`, so take the library's copy."
     return getattr(importlib.import_module('bigmodel_nb.serve'), f.__name__) if f.__module__ == '__main__' else f
 
+def _image_handler(p:Predictor):
+    "What a model process does with a request for an image classifier: a pixel batch in, probabilities and labels out."
+    def handle(msg:bytes) -> bytes:
+        n = int.from_bytes(msg[1:5], 'little')
+        x = np.frombuffer(msg, _PIXEL_DTYPES[msg[:1]], offset=5).reshape(n, *p.shape)
+        pred = p.predict(x, batch_size=1 << 30)
+        return b''.join([b'O', pred.probs.astype(np.float32).tobytes(), pred.labels.astype(np.int64).tobytes()])
+    return handle
+
 def _model_process_main(folder:str, threads:int, conn):
-    "A model process: load the package, say b'R' (or b'E' and why), then answer batches until the pipe closes."
+    "A model process: load the package, say b'R' (or b'E' and why), then answer requests until the pipe closes."
     try: p = load_package(folder, threads=threads, spin=False)
     except Exception as e: conn.send_bytes(b'E' + f"{type(e).__name__}: {e}".encode()); return
     conn.send_bytes(b'R')
+    handle = (_token_handler if isinstance(p, TokenPredictor) else _image_handler)(p)  # `_token_handler`: in the generation section
     while True:
         try: msg = conn.recv_bytes()
         except (EOFError, OSError): return
-        try:
-            n = int.from_bytes(msg[1:5], 'little')
-            x = np.frombuffer(msg, _PIXEL_DTYPES[msg[:1]], offset=5).reshape(n, *p.shape)
-            pred = p.predict(x, batch_size=1 << 30)
-            out = b''.join([b'O', pred.probs.astype(np.float32).tobytes(), pred.labels.astype(np.int64).tobytes()])
+        try: out = handle(msg)
         except Exception as e: out = b'E' + f"{type(e).__name__}: {e}".encode()
         conn.send_bytes(out)
 
 # %% ../nbs/09_serving.ipynb #9da3d331
 class ModelProcess:
-    "An image package's `Predictor` in a process of its own; calling it with a batch returns a future of its outputs."
+    "A package's predictor in a process of its own: call it with an image batch, or `decode` a token model's step; each returns a future."
     def __init__(self, folder, # the package folder
-                 n_labels:int, # the model's number of labels (the width of `probabilities`)
+                 n_outputs:int, # the width of an answer's rows: an image classifier's labels, a token model's vocabulary
                  threads:int=1, # ONNX Runtime threads in the model process
                  timeout:float=120.0): # seconds to wait for the process to load the package
         ctx = multiprocessing.get_context('spawn')  # a fresh interpreter: no copied locks or ONNX Runtime threads
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_importable(_model_process_main), args=(str(folder), threads, child), daemon=True, name=f'model {Path(folder).name}')
         self.process.start(); child.close()
-        self.n_labels, self._pending = n_labels, None
+        self.n_outputs, self._pending = n_outputs, None
         try: msg = self.conn.recv_bytes() if self.conn.poll(timeout) else b'E' + f"no answer in {timeout} s".encode()
         except EOFError:  # it died before it could answer
             self.process.join(5)
@@ -245,22 +259,27 @@ class ModelProcess:
 
     def __call__(self, x:np.ndarray) -> asyncio.Future:
         "Send a batch (uint8 or float32 pixels); the future resolves to {'probabilities', 'labels'}."
-        if self._pending is not None: raise RuntimeError("one batch at a time: await the previous one first")
         if x.dtype not in (np.uint8, np.float32): raise ValueError(f"pixels of dtype {x.dtype}: expected uint8 or float32")
+        n, k = len(x), len(x) * self.n_outputs
+        return self._request(b''.join([b'u' if x.dtype == np.uint8 else b'f', n.to_bytes(4, 'little'), np.ascontiguousarray(x).tobytes()]),
+                             lambda msg: {'probabilities': np.frombuffer(msg, np.float32, k, offset=1).reshape(n, self.n_outputs),
+                                          'labels': np.frombuffer(msg, np.int64, n, offset=1 + 4 * k)})
+
+    def _request(self, msg:bytes, read) -> asyncio.Future:
+        "Send one request; the future resolves to `read(answer)` once the process answers (the loop hears it on the pipe)."
+        if self._pending is not None: raise RuntimeError("one request at a time: await the previous one first")
         loop = asyncio.get_running_loop(); fut = loop.create_future()
-        try: self.conn.send_bytes(b''.join([b'u' if x.dtype == np.uint8 else b'f', len(x).to_bytes(4, 'little'), np.ascontiguousarray(x).tobytes()]))
+        try: self.conn.send_bytes(msg)
         except OSError: fut.set_exception(self._gone()); return fut
-        self._pending = (fut, len(x)); loop.add_reader(self.conn.fileno(), self._answer, loop)
+        self._pending = (fut, read); loop.add_reader(self.conn.fileno(), self._answer, loop)
         return fut
 
     def _answer(self, loop):
-        loop.remove_reader(self.conn.fileno()); (fut, n), self._pending = self._pending, None
+        loop.remove_reader(self.conn.fileno()); (fut, read), self._pending = self._pending, None
         try: msg = self.conn.recv_bytes()
         except (EOFError, OSError): fut.set_exception(self._gone()); return
         if msg[:1] != b'O': fut.set_exception(RuntimeError(f"the model failed: {msg[1:].decode()}")); return
-        k = n * self.n_labels
-        fut.set_result({'probabilities': np.frombuffer(msg, np.float32, k, offset=1).reshape(n, self.n_labels),
-                        'labels': np.frombuffer(msg, np.int64, n, offset=1 + 4 * k)})
+        fut.set_result(read(msg))
 
     def _gone(self):
         self.process.join(1)
@@ -330,6 +349,47 @@ def sample_next(logits:np.ndarray, # (vocab,) logits at the last position
     z = logits.astype(np.float64) / temperature; z -= z.max(); p = np.exp(z); p /= p.sum()
     return int(rng.choice(len(p), p=p))
 
+# %% ../nbs/09_serving.ipynb #64ff5640
+class WindowBatch:
+    "`KVBatch`'s interface without a cache (a package without `decoder.onnx`): each step recomputes every row's whole window."
+    def __init__(self, predictor:TokenPredictor): # the token model
+        self.p, self.L, self.rows = predictor, predictor.max_sequence or 1 << 30, []
+
+    def __len__(self): return len(self.rows)
+
+    def _logits(self, rows:list) -> np.ndarray:
+        "The logits after each row's last token: the rows right-padded into one call (exact for a causal model)."
+        x = np.zeros((len(rows), max(map(len, rows))), np.int64)
+        for i, r in enumerate(rows): x[i, :len(r)] = r
+        return self.p.logits(x)[np.arange(len(rows)), [len(r) - 1 for r in rows]]
+
+    def add(self, prompts:list) -> np.ndarray: # token ids of each new row (at least one each); only the last max_sequence count
+        "Append a row per prompt; the logits of the token after each (k, vocab)."
+        new = [list(map(int, q))[-self.L:] for q in prompts]
+        if not new or min(map(len, new)) == 0: raise ValueError("add: expected one or more prompts of at least one token each")
+        self.rows += new; return self._logits(new)
+
+    def step(self, tokens) -> np.ndarray: # one new token id per row
+        "Feed each row its next token (the window slides past max_sequence); the logits of the token after it (rows, vocab)."
+        tokens = np.asarray(tokens, np.int64).reshape(-1).tolist()
+        if len(tokens) != len(self) or not len(self): raise ValueError(f"step: expected one token per row ({len(self)} rows); got {len(tokens)}")
+        for r, t in zip(self.rows, tokens): r.append(t); del r[:-self.L]
+        return self._logits(self.rows)
+
+    def remove(self, rows): # indices of the rows to drop; the others keep their order
+        "Drop rows (finished or cancelled sequences)."
+        drop = set(int(i) for i in rows); self.rows = [r for i, r in enumerate(self.rows) if i not in drop]
+
+def token_batch(predictor:TokenPredictor) -> KVBatch|WindowBatch:
+    "The rows a scheduler decodes: a `KVBatch` on the package's `decoder.onnx` (a key/value cache), else a `WindowBatch`."
+    return predictor.kv_batch() if getattr(predictor, 'decoder', None) is not None else WindowBatch(predictor)
+
+def next_logits(batch:KVBatch|WindowBatch, tokens:list, # the newest token of each of the batch's rows
+                prompts:list) -> np.ndarray: # token ids of each stream that joins
+    "One decoding step: the rows take their newest token, the joining streams are added (prefilled); next-token logits (rows, vocab), the rows first."
+    parts = ([batch.step(tokens)] if tokens else []) + ([batch.add(prompts)] if prompts else [])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
 # %% ../nbs/09_serving.ipynb #c63c09e2
 class _Stream:
     "One generation: its tokens so far, what is left to generate, and the queue its tokens go to."
@@ -338,16 +398,21 @@ class _Stream:
         self.rng = np.random.default_rng(seed) if temperature > 0 else None  # greedy needs none (an unseeded one costs OS entropy)
         self.out, self.t0, self.first, self.cancelled = asyncio.Queue(), time.perf_counter(), None, False
 
-class GenerationScheduler:
+class GenerationScheduler(_QueueTask):
     "Continuous batching for a `TokenPredictor`: each step decodes one token for every active stream (with its `decoder.onnx`'s key/value cache when the package has one)."
     def __init__(self, predictor:TokenPredictor, # the token model
                  max_batch_size:int=16, # streams decoded together at most (1: one at a time)
                  max_queue:int=256, # streams active or waiting at most; beyond it InferError(503)
                  executor=None, # run the model in this executor (a thread), so the event loop keeps streaming
-                 on_step=None): # called with (streams in the step, first-token seconds of streams that started)
+                 on_step=None, # called with (streams in the step, first-token seconds of streams that started)
+                 worker:ModelProcess|None=None, # run the model in this process of its own (on the same package) instead
+                 on_close=None, # called once, when a retired or drained scheduler has finished every generation
+                 on_error=None): # maps a model failure to the error its streams end with (default: a 503 that says what failed)
         self.p, self.max_batch_size, self.max_queue, self.executor, self.on_step = predictor, max_batch_size, max_queue, executor, on_step
-        self.active, self.waiting, self._task, self._wake, self.closing, self.steps = [], collections.deque(), None, None, False, 0
-        self.kv = predictor.kv_batch() if getattr(predictor, 'decoder', None) is not None else None  # the key/value cache, if the package has a decoder
+        self.worker, self.on_close, self.on_error = worker, on_close, on_error
+        self.active, self.waiting, self.steps = [], collections.deque(), 0
+        self.batch = token_batch(predictor) if worker is None else None  # with a worker, the rows (and cache) live in its process
+        self._drop, self._reset = [], worker is not None  # what the worker does before its next step: drop finished rows; start from none
 
     def submit(self, ids, # prompt token ids (at least one)
                max_tokens:int=32, # tokens to generate
@@ -357,70 +422,59 @@ class GenerationScheduler:
         if self.closing: raise InferError(400, "this model is being unloaded; load it again with the repository's load")
         if len(self.active) + len(self.waiting) >= self.max_queue:
             raise InferError(503, f"{self.max_queue} generations are running or waiting: retry after a moment")
-        if self._task is None: self._wake = asyncio.Event(); self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._task is None: self._start()
         s = _Stream(ids, max_tokens, temperature, seed); self.waiting.append(s); self._wake.set()
         return s
 
 # %% ../nbs/09_serving.ipynb #98f19d22
 @patch
-def _batch(self:GenerationScheduler) -> tuple:
-    "The right-padded token ids (N, T) of the active streams' windows, and each one's last position."
-    L = self.p.max_sequence or 1 << 30
-    wins = [s.ids[-L:] for s in self.active]
-    T = max(map(len, wins)); x = np.zeros((len(wins), T), np.int64)
-    for i, w in enumerate(wins): x[i, :len(w)] = w
-    return x, np.array([len(w) - 1 for w in wins])
+async def _next_logits(self:GenerationScheduler, tokens:list, prompts:list) -> np.ndarray:
+    "`next_logits` for the running streams' newest tokens and the joining prompts: in the model's process, in the executor, or here."
+    if self.worker is not None:
+        drop, reset, self._drop, self._reset = self._drop, self._reset, [], False
+        return await self.worker.decode(tokens, prompts, drop, reset)
+    if self.executor is None: return next_logits(self.batch, tokens, prompts)
+    return await asyncio.get_running_loop().run_in_executor(self.executor, next_logits, self.batch, tokens, prompts)
 
 @patch
-def _cached_logits(self:GenerationScheduler, tokens:list, prompts:list) -> np.ndarray:
-    "With the cache: the running rows take their last token, the joining ones are prefilled; next-token logits, running rows first."
-    parts = ([self.kv.step(tokens)] if tokens else []) + ([self.kv.add(prompts)] if prompts else [])
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-@patch
-def _full_window_logits(self:GenerationScheduler) -> np.ndarray:
-    "Without a cache: the whole window of every active stream, right-padded; the logits at each one's last position."
-    x, last = self._batch()
-    return self.p.logits(x)[np.arange(len(x)), last]
+def _fail(self:GenerationScheduler, e:Exception):
+    "The model failed: every running stream ends with the error; the rows start afresh for the streams after them."
+    err = self.on_error(e) if self.on_error is not None else e
+    if not isinstance(err, InferError):  # a model process's own errors say what happened; others get named
+        err = InferError(503, str(err) if isinstance(err, RuntimeError) else f"the model failed ({type(err).__name__}: {err}): retry, or load the model again")
+    for s in self.active: s.out.put_nowait(err)
+    self.active, self._drop = [], []
+    if self.worker is None: self.batch = token_batch(self.p)
+    else: self._reset = True
 
 @patch
 async def _run(self:GenerationScheduler):
-    loop = asyncio.get_running_loop()
-    call = lambda f, *a: f(*a) if self.executor is None else loop.run_in_executor(self.executor, f, *a)
     while True:
         joining = []
         while self.waiting and len(self.active) + len(joining) < self.max_batch_size:
             s = self.waiting.popleft()
             if not s.cancelled: joining.append(s)
         if not self.active and not joining:
-            if self.closing: return
+            if self.closing: self._close(); return
             self._wake.clear(); await self._wake.wait(); continue
-        if self.kv is not None:
-            tokens, prompts = [s.ids[-1] for s in self.active], [s.ids for s in joining]
-            self.active += joining; rows = call(self._cached_logits, tokens, prompts)
-        else: self.active += joining; rows = call(self._full_window_logits)
-        rows, now, firsts = (await rows if self.executor is not None else rows), time.perf_counter(), []
+        tokens, prompts = [s.ids[-1] for s in self.active], [s.ids for s in joining]
+        self.active += joining
+        try: rows = await self._next_logits(tokens, prompts)
+        except Exception as e: self._fail(e); continue
+        now, firsts = time.perf_counter(), []
         for s, row in zip(self.active, rows):
             t = sample_next(row, s.temperature, s.rng); s.ids.append(t); s.left -= 1; s.out.put_nowait(t)
             if s.first is None: s.first = now - s.t0; firsts.append(s.first)
             if s.left <= 0: s.out.put_nowait(None)
         n, self.steps = len(self.active), self.steps + 1
         keep = [s.left > 0 and not s.cancelled for s in self.active]
-        if self.kv is not None: self.kv.remove([i for i, k in enumerate(keep) if not k])
+        drop = [i for i, k in enumerate(keep) if not k]
+        if self.worker is None: self.batch.remove(drop)
+        else: self._drop = drop  # the process drops them before its next step
         self.active = [s for s, k in zip(self.active, keep) if k]
         if self.on_step is not None: self.on_step(n, firsts)
-        if self.executor is None: await asyncio.sleep(0)  # the model ran on the loop: let its tokens go out and new requests in
+        if self.executor is None and self.worker is None: await asyncio.sleep(0)  # the model ran on the loop: let its tokens go out and new requests in
 
-@patch
-async def drain(self:GenerationScheduler):
-    "Stop taking generations; return once every running and waiting one has finished."
-    self.closing = True
-    if self._task is not None: self._wake.set(); await self._task
-
-@patch
-def retire(self:GenerationScheduler):
-    "Take no new generations; the running and waiting ones finish (it holds nothing else to release)."
-    self.closing = True
 
 # %% ../nbs/09_serving.ipynb #8ca21b29
 @patch
@@ -431,8 +485,30 @@ async def generate(self:GenerationScheduler, prompt:str, # text in the model's v
     if ids is None: raise InferError(400, "empty prompt: expected at least one character of the model's vocabulary")
     s = self.submit(ids, max_tokens, temperature, seed)
     try:
-        while (t := await s.out.get()) is not None: yield self.p.tokenizer.vocab[t]
+        while (t := await s.out.get()) is not None:
+            if isinstance(t, Exception): raise t  # the model failed
+            yield self.p.tokenizer.vocab[t]
     finally: s.cancelled = True
+
+# %% ../nbs/09_serving.ipynb #78ab6e51
+def _token_handler(p:TokenPredictor):
+    "What a model process does with a decoding step of a token model: its own `token_batch` holds the streams' rows (and cache)."
+    state = {'batch': token_batch(p)}
+    def handle(msg:bytes) -> bytes:
+        r = orjson.loads(msg[1:])
+        if r['reset']: state['batch'] = token_batch(p)
+        state['batch'].remove(r['drop'])
+        return b'O' + np.ascontiguousarray(next_logits(state['batch'], r['tokens'], r['prompts']), np.float32).tobytes()
+    return handle
+
+@patch
+def decode(self:ModelProcess, tokens:list, # the newest token of each running row
+           prompts:list, # token ids of each stream that joins
+           drop:list=(), # rows to drop first (streams that finished)
+           reset:bool=False) -> asyncio.Future: # start from no rows (after a failure)
+    "One decoding step of a token model in its process: the future resolves to next-token logits (rows, vocab), running rows first."
+    msg = b'G' + orjson.dumps({'tokens': [int(t) for t in tokens], 'prompts': [[int(i) for i in q] for q in prompts], 'drop': list(drop), 'reset': reset})
+    return self._request(msg, lambda a: np.frombuffer(a, np.float32, offset=1).reshape(-1, self.n_outputs))
 
 # %% ../nbs/09_serving.ipynb #bbc936fe
 class ModelVersion:
@@ -461,7 +537,7 @@ class ModelRepository:
                  threads:int|None=1, # ONNX Runtime intra-op threads per model
                  spin:bool=False, # ONNX Runtime threads busy-wait between runs (they compete with the event loop)
                  threaded:bool=False, # run image models in a worker thread instead of on the event loop
-                 process:bool=False, # run each image model in a process of its own (`ModelProcess`)
+                 process:bool=False, # run each model in a process of its own (`ModelProcess`)
                  generation_batch_size:int=16, # streams decoded together (token models)
                  metrics:ServerMetrics|None=None, # where to count; a new registry by default
                  window:int=1000): # images the drift gauge looks back over
@@ -493,24 +569,25 @@ def _load_version(self:ModelRepository, mv:ModelVersion):
         mv.state, mv.reason, mv.predictor, mv.runner = 'UNAVAILABLE', f"{type(e).__name__}: {e}", None, None
         m.child(m.loaded, mv.name, mv.version).set(0); return mv
     mv.predictor, mv.kind = p, p.config['kind']
-    if isinstance(p, TokenPredictor):
+    token = isinstance(p, TokenPredictor)
+    if o['process']:
+        try: mv.worker = ModelProcess(mv.folder, p.vocab_size if token else len(p.labels), o['threads'])
+        except RuntimeError as e:
+            mv.state, mv.reason, mv.predictor = 'UNAVAILABLE', str(e), None
+            m.child(m.loaded, mv.name, mv.version).set(0); return mv
+    worker = mv.worker
+    if token:
         def on_step(n, firsts, lab=(mv.name, mv.version)):
             m.child(m.gen_batch, *lab).observe(n); m.child(m.tokens, *lab).inc(n)
             for f in firsts: m.child(m.ttft, *lab).observe(f)
-        mv.runner = GenerationScheduler(p, o['generation_batch_size'], o['max_queue'], self.executor, on_step)
+        mv.runner = GenerationScheduler(p, o['generation_batch_size'], o['max_queue'], self.executor, on_step, worker,
+                                        on_close=worker and worker.close, on_error=lambda e: self._model_error(mv, e))
     else:
         pre = p.config['preprocessing']
         mv.drift = DriftMonitor(pre['mean'], pre['std'], pre.get('pixel_scale', 255.0), o['window'])
-        worker = None
-        if o['process']:
-            try: worker = ModelProcess(mv.folder, len(p.labels), o['threads'])
-            except RuntimeError as e:
-                mv.state, mv.reason, mv.predictor = 'UNAVAILABLE', str(e), None
-                m.child(m.loaded, mv.name, mv.version).set(0); return mv
-        mv.worker = worker
         mv.runner = Batcher(self._image_fn(mv, worker), o['max_batch_size'], o['max_delay_ms'], o['max_queue'],
                             self.executor if o['threaded'] and worker is None else None, self._on_batch(mv),
-                            on_close=worker.close if worker is not None else None)
+                            on_close=worker and worker.close)
     mv.state, mv.reason = 'READY', ''
     m.child(m.loaded, mv.name, mv.version).set(1)
     return mv
@@ -530,13 +607,17 @@ def _image_fn(self:ModelRepository, mv:ModelVersion, worker:ModelProcess|None=No
         return observe(x, {'probabilities': pred.probs, 'labels': pred.labels})
     async def in_process(x):
         try: out = await worker(x)
-        except RuntimeError as e:
-            if worker.process.is_alive(): raise
-            if mv.state == 'READY':  # the process died: not ready until loaded again (readiness says so to an orchestrator)
-                mv.state, mv.reason = 'UNAVAILABLE', str(e); m.child(m.loaded, *lab).set(0); mv.runner.retire()
-            raise InferError(503, f"{e} (POST /v2/repository/models/{mv.name}/load)") from None
+        except RuntimeError as e: raise self._model_error(mv, e) from None
         return observe(x, out)
     return fn if worker is None else in_process
+
+@patch
+def _model_error(self:ModelRepository, mv:ModelVersion, e:Exception) -> Exception:
+    "A model's failure as its requests see it. A dead model process: the version is UNAVAILABLE until loaded again (503)."
+    if mv.worker is None or mv.worker.process.is_alive(): return e
+    if mv.state == 'READY':  # not ready until loaded again (readiness says so to an orchestrator)
+        mv.state, mv.reason = 'UNAVAILABLE', str(e); self.metrics.child(self.metrics.loaded, mv.name, mv.version).set(0); mv.runner.retire()
+    return InferError(503, f"{e} (POST /v2/repository/models/{mv.name}/load)")
 
 @patch
 def _on_batch(self:ModelRepository, mv:ModelVersion):
@@ -778,7 +859,9 @@ def _add_generate_routes(app:FastAPI, repo:ModelRepository, max_body_bytes:int):
         try:
             mv, s = await start(request, name, version); toks = []
             try:
-                while (t := await s.out.get()) is not None: toks.append(t)
+                while (t := await s.out.get()) is not None:
+                    if isinstance(t, Exception): raise t  # the model failed
+                    toks.append(t)
             finally: s.cancelled = True
         except InferError as e: count(mv, name, version, 'generate', e.status, t0); return _error(e)
         count(mv, name, version, 'generate', 200, t0, len(toks))
@@ -789,11 +872,13 @@ def _add_generate_routes(app:FastAPI, repo:ModelRepository, max_body_bytes:int):
         except InferError as e: count(mv, name, version, 'generate_stream', e.status, t0); return _error(e)
         head, vocab = {'model_name': mv.name, 'model_version': mv.version}, mv.predictor.tokenizer.vocab
         async def events():
-            n = 0
+            n, status = 0, 200
             try:
                 while (t := await s.out.get()) is not None:
+                    if isinstance(t, InferError):  # the model failed: the status went out with the first byte, so an error event ends the stream
+                        status = t.status; yield b'event: error\ndata: ' + orjson.dumps({'error': t.message}) + b'\n\n'; break
                     n += 1; yield b'data: ' + orjson.dumps({**head, 'text_output': vocab[t]}) + b'\n\n'
-            finally: s.cancelled = True; count(mv, name, version, 'generate_stream', 200, t0, n)
+            finally: s.cancelled = True; count(mv, name, version, 'generate_stream', status, t0, n)
         return StreamingResponse(events(), media_type='text/event-stream')
     doc = _body_doc(GENERATE_REQUEST_SCHEMA)
     for path, f in [('generate', generate), ('generate_stream', generate_stream)]:
@@ -932,8 +1017,13 @@ class V2Client:
         body = {'text_input': prompt, 'parameters': {'max_tokens': max_tokens, 'temperature': temperature, **({'seed': seed} if seed is not None else {})}}
         with self.http.stream('POST', f"/v2/models/{model}/generate_stream", json=body) as r:
             if r.status_code != 200: r.read(); self._check(r)
+            event = 'message'
             for line in r.iter_lines():
-                if line.startswith('data: '): yield orjson.loads(line[6:])['text_output']
+                if line.startswith('event: '): event = line[7:]
+                elif line.startswith('data: '):
+                    data = orjson.loads(line[6:])
+                    if event == 'error': raise RuntimeError(f"the stream ended with an error: {data['error']}")
+                    yield data['text_output']
 
     def metrics(self) -> str: return self._check(self.http.get('/metrics')).text
 
@@ -1071,7 +1161,7 @@ def serve_command(package_or_repo, # a package folder, or a repository REPO/<nam
                   threads:int=1, # ONNX Runtime threads per model
                   generation_batch_size:int=16, # streams decoded together (token models)
                   max_body_bytes:int=16 << 20, # larger requests get 413
-                  model_process:bool=False, # run each image model in a process of its own (`ModelProcess`)
+                  model_process:bool=False, # run each model in a process of its own (`ModelProcess`)
                   log_requests:bool=True) -> int: # one JSON line per request on stderr
     "Serve until SIGTERM or Ctrl-C; requests in flight finish first. The exit status (0)."
     import uvicorn

@@ -240,6 +240,24 @@ def test_model_process_death_makes_the_model_unavailable_until_reloaded(repo, fa
         assert V2Client(url).infer('fashion', x[:8], outputs=('labels',))['labels'].tolist() == pred(x[:8]).labels.tolist()
 
 
+def test_token_model_process_death_ends_the_stream_and_makes_the_model_unavailable(repo):
+    "A token model's process killed: the next stream ends with an error event that says so, the version turns UNAVAILABLE, a load brings it back."
+    app = create_app(repo/'lm-kv'/'1', process=True)
+    with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        before = V2Client(url).generate('lm-kv', 'To be', 8)
+        worker = app.state.repo.models['lm-kv']['1'].worker
+        worker.process.kill(); worker.process.join()
+        with pytest.raises(RuntimeError, match=r'the stream ended with an error: the model process exited \(status -9\)'):
+            list(V2Client(url).stream('lm-kv', 'To be', 8))
+        assert c.get('/v2/models/lm-kv/ready').status_code == 400
+        assert metric_samples(c.get('/metrics').text, 'bigmodel_model_loaded', model='lm-kv')[0][1] == 0.0
+        r = c.post('/v2/models/lm-kv/generate', json={'text_input': 'To be'}); assert r.status_code == 400 and 'model process exited' in r.json()['error']
+        assert c.post('/v2/repository/models/lm-kv/load').status_code == 200
+        new = app.state.repo.models['lm-kv']['1'].worker
+        assert new is not worker and new.process.is_alive() and V2Client(url).generate('lm-kv', 'To be', 8) == before
+    assert not new.process.is_alive()
+
+
 def test_model_process_in_an_unguarded_script_is_a_clear_error(repo, tmp_path):
     "A script without a main guard: the spawned model process imports it again and dies; the error says what to add."
     script = tmp_path/'unguarded.py'
@@ -255,10 +273,11 @@ def test_single_package_folder(repo):
 
 
 @pytest.mark.parametrize('model', ['lm', 'lm-kv'])
-def test_generation_continuous_batching(repo, model):
-    "Concurrent streams of different lengths through the server (full window; key/value cache) equal one-at-a-time full-window greedy generation."
+@pytest.mark.parametrize('process', [False, True])
+def test_generation_continuous_batching(repo, model, process):
+    "Concurrent streams of different lengths through the server (full window; key/value cache; in the server or in a model process) equal one-at-a-time full-window greedy generation."
     prompts, ns = ['To be', 'whether', 'the mind to', 'slings', 'or not to be, that'], [20, 3, 11, 7, 40]
-    with ServerThread(create_app(repo)) as url:
+    with ServerThread(create_app(repo, process=process)) as url:
         assert (repo.joinpath(model, '1', 'decoder.onnx').is_file()) == (model == 'lm-kv')
         def one(i):
             with V2Client(url) as c:
