@@ -121,7 +121,7 @@ def infer_response(model:str, # model name
     if not blobs: return head, {'content-type': 'application/json'}
     return b''.join([head, *blobs]), {'content-type': 'application/octet-stream', 'inference-header-content-length': str(len(head))}
 
-# %% ../nbs/09_serving.ipynb #96de59ff
+# %% ../nbs/09_serving.ipynb #a0cb2165
 class _QueueTask:
     "What `Batcher` and `GenerationScheduler` share: a queue served by one asyncio task (`_run`); drained or retired, then `on_close` runs once."
     closing, on_close, _task, _loop, _wake = False, None, None, None, None
@@ -349,7 +349,7 @@ def sample_next(logits:np.ndarray, # (vocab,) logits at the last position
     z = logits.astype(np.float64) / temperature; z -= z.max(); p = np.exp(z); p /= p.sum()
     return int(rng.choice(len(p), p=p))
 
-# %% ../nbs/09_serving.ipynb #64ff5640
+# %% ../nbs/09_serving.ipynb #baa0f151
 class WindowBatch:
     "`KVBatch`'s interface without a cache (a package without `decoder.onnx`): each step recomputes every row's whole window."
     def __init__(self, predictor:TokenPredictor): # the token model
@@ -490,7 +490,7 @@ async def generate(self:GenerationScheduler, prompt:str, # text in the model's v
             yield self.p.tokenizer.vocab[t]
     finally: s.cancelled = True
 
-# %% ../nbs/09_serving.ipynb #78ab6e51
+# %% ../nbs/09_serving.ipynb #2cbbcde8
 def _token_handler(p:TokenPredictor):
     "What a model process does with a decoding step of a token model: its own `token_batch` holds the streams' rows (and cache)."
     state = {'batch': token_batch(p)}
