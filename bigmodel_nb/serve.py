@@ -440,8 +440,8 @@ async def _next_logits(self:GenerationScheduler, tokens:list, prompts:list) -> n
 def _fail(self:GenerationScheduler, e:Exception):
     "The model failed: every running stream ends with the error; the rows start afresh for the streams after them."
     err = self.on_error(e) if self.on_error is not None else e
-    if not isinstance(err, InferError):  # a model process's own errors say what happened; others get named
-        err = InferError(503, str(err) if isinstance(err, RuntimeError) else f"the model failed ({type(err).__name__}: {err}): retry, or load the model again")
+    if not isinstance(err, InferError):  # a model process's own errors say what happened ("the model ..."); others get named
+        err = InferError(503, str(err) if str(err).startswith('the model') else f"the model failed ({type(err).__name__}: {err}): retry, or load the model again")
     for s in self.active: s.out.put_nowait(err)
     self.active, self._drop = [], []
     if self.worker is None: self.batch = token_batch(self.p)
