@@ -32,7 +32,8 @@ __all__ = ['PACKAGE_FORMAT', 'PACKAGE_FILES', 'PACKAGE_KINDS', 'PACKAGE_INT8', '
            'tokenizer_from_spec', 'token_config', 'export_token_model', 'TokenPredictor', 'PackageError', 'model_card',
            'save_package', 'verify_package', 'load_package', 'read_images', 'load_package_weights', 'generate_key',
            'key_id', 'save_key', 'load_private_key', 'load_public_key', 'sign_package', 'DecoderParts',
-           'register_decoder', 'decoder_parts', 'DecoderWithPast', 'export_decoder', 'decoder_parity', 'KVBatch']
+           'register_decoder', 'decoder_parts', 'DecoderWithPast', 'export_decoder', 'decoder_parity', 'KVBatch',
+           'right_pad']
 
 # %% ../nbs/08_deployment.ipynb #2f809928
 from .compress import export_onnx  # defined in the compression chapter, which exports before it quantizes
@@ -975,12 +976,16 @@ class KVBatch:
 
 
 # %% ../nbs/08_deployment.ipynb #cbe279c3
+def right_pad(rows:list) -> np.ndarray: # token id lists, of any lengths
+    "The rows as one batch of int64 ids (N, longest row), zeros after each row's end (a causal model reads each row as if alone)."
+    x = np.zeros((len(rows), max(map(len, rows))), np.int64)
+    for i, r in enumerate(rows): x[i, :len(r)] = r
+    return x
+
 @patch
 def _prefill(self:KVBatch, windows:list, rows:list) -> np.ndarray:
     "Compute the keys and values of each window (a list of ids) into its row; the logits after each window's last token."
-    n = np.array([len(w) for w in windows]); T = int(n.max())
-    ids = np.zeros((len(windows), T), np.int64)
-    for j, w in enumerate(windows): ids[j, :len(w)] = w
+    n = np.array([len(w) for w in windows]); ids = right_pad(windows); T = ids.shape[1]
     empty = np.zeros((len(windows), self.n_heads, 0, self.d_head), np.float32)
     logits, nk, nv = self.sess.run(None, dict(zip(self.names, [ids, np.broadcast_to(np.arange(T), ids.shape).copy(),
                                                                np.zeros((len(windows), 0), np.int64), *[empty] * (2 * self.n_layers)])))

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastcore.basics import patch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
-from .deploy import load_package, verify_package, serving_graph, Predictor, TokenPredictor, KVBatch
+from .deploy import load_package, verify_package, serving_graph, Predictor, TokenPredictor, KVBatch, right_pad
 
 # %% auto #0
 __all__ = ['V2_DATATYPES', 'LATENCY_BUCKETS', 'INFER_REQUEST_SCHEMA', 'GENERATE_REQUEST_SCHEMA', 'MAX_GENERATE_TOKENS', 'log',
@@ -359,9 +359,7 @@ class WindowBatch:
 
     def _logits(self, rows:list) -> np.ndarray:
         "The logits after each row's last token: the rows right-padded into one call (exact for a causal model)."
-        x = np.zeros((len(rows), max(map(len, rows))), np.int64)
-        for i, r in enumerate(rows): x[i, :len(r)] = r
-        return self.p.logits(x)[np.arange(len(rows)), [len(r) - 1 for r in rows]]
+        return self.p.logits(right_pad(rows))[np.arange(len(rows)), [len(r) - 1 for r in rows]]
 
     def add(self, prompts:list) -> np.ndarray: # token ids of each new row (at least one each); only the last max_sequence count
         "Append a row per prompt; the logits of the token after each (k, vocab)."
@@ -493,12 +491,13 @@ async def generate(self:GenerationScheduler, prompt:str, # text in the model's v
 # %% ../nbs/09_serving.ipynb #2cbbcde8
 def _token_handler(p:TokenPredictor):
     "What a model process does with a decoding step of a token model: its own `token_batch` holds the streams' rows (and cache)."
-    state = {'batch': token_batch(p)}
+    batch = token_batch(p)
     def handle(msg:bytes) -> bytes:
+        nonlocal batch
         r = orjson.loads(msg[1:])
-        if r['reset']: state['batch'] = token_batch(p)
-        state['batch'].remove(r['drop'])
-        return b'O' + np.ascontiguousarray(next_logits(state['batch'], r['tokens'], r['prompts']), np.float32).tobytes()
+        if r['reset']: batch = token_batch(p)
+        batch.remove(r['drop'])
+        return b'O' + np.ascontiguousarray(next_logits(batch, r['tokens'], r['prompts']), np.float32).tobytes()
     return handle
 
 @patch
